@@ -1,0 +1,14 @@
+"""dist_train: your supervised PyTorch loop, from one CPU to a SLURM cluster, through Hugging Face Accelerate."""
+
+from .config import Config, load_config
+from .errors import UserError
+
+__all__ = ["Config", "load_config", "train", "UserError"]
+__version__ = "0.1.0"
+
+
+def train(cfg: Config) -> dict:
+    """Run a training described by `cfg`; returns the last validation record."""
+    from .loop import train as _train  # torch/accelerate load on first use, not at import
+
+    return _train(cfg)

@@ -1,0 +1,223 @@
+"""The one typed run configuration: loaded from YAML, overridden from the command line, checked once.
+
+Every key is a field of `Config` with its type, default and a help text; `--help` and the README's
+config reference are generated from the same fields. `load_config` is the only way in: it rejects
+unknown keys (naming the closest valid one), wrong types and out-of-range values, each as a
+`UserError` that names the key, the value and what is expected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UserError
+
+DEFAULT_MODEL = "dist_train.examples.digits:DigitsMLP"
+DEFAULT_DATA = "dist_train.examples.digits:get_dataloader"
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, minimum: float | None = None):
+    """A config field: its default, a help text and the range of values it accepts."""
+    factory = {"default_factory": (lambda d=default: type(d)(d))} if isinstance(default, (dict, list)) else {"default": default}
+    return field(metadata={"help": help, "choices": choices, "minimum": minimum}, **factory)
+
+
+@dataclass
+class Config:
+    """A training run. Field order is the order of the README's reference and of `--help`."""
+
+    # --- what to train -------------------------------------------------------------------------
+    model: str = _opt(DEFAULT_MODEL, "Import string (`path/to/model.py:MyModel` or `pkg.module:MyModel`) of a callable returning an nn.Module.")
+    model_args: dict = _opt({}, "Keyword arguments passed to `model`.")
+    data: str = _opt(DEFAULT_DATA, "Import string of `get_dataloader(cfg, train) -> DataLoader` (or `-> Dataset`, then dist_train builds the loaders).")
+    data_args: dict = _opt({}, "Extra attributes of the `cfg` handed to `data` (e.g. `data_path`).")
+    loss: str = _opt("cross_entropy", "`cross_entropy`, `mse`, or the import string of `(outputs, targets) -> loss`.")
+
+    # --- optimisation --------------------------------------------------------------------------
+    optimizer: str = _opt("adamw", "Optimizer.", choices=("adam", "adamw", "sgd"))
+    lr: float = _opt(1e-3, "Peak learning rate.", minimum=0.0)
+    weight_decay: float = _opt(0.0, "Weight decay.", minimum=0.0)
+    momentum: float = _opt(0.0, "Momentum (sgd only).", minimum=0.0)
+    epochs: int = _opt(20, "Passes over the training set.", minimum=1)
+    batch_size: int = _opt(32, "Samples per process per micro-batch (global batch = batch_size x processes x grad_accum_steps).", minimum=1)
+    grad_accum_steps: int = _opt(1, "Micro-batches accumulated into one optimizer step.", minimum=1)
+    max_grad_norm: Optional[float] = _opt(None, "Clip the global gradient norm to this value on each optimizer step (null: no clipping).", minimum=0.0)
+    lr_schedule: str = _opt("constant", "Learning-rate schedule after warmup, per optimizer step.", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = _opt(0, "Optimizer steps of linear warmup from 0 to `lr`.", minimum=0)
+    max_steps: Optional[int] = _opt(None, "Stop after this many optimizer steps (overrides `epochs`).", minimum=1)
+    mixed_precision: str = _opt("no", "Autocast precision through the Accelerator (fp16 needs a GPU).", choices=("no", "fp16", "bf16"))
+
+    # --- validation and stopping ---------------------------------------------------------------
+    eval_every: Optional[int] = _opt(None, "Also validate every N optimizer steps (always at each epoch end).", minimum=1)
+    early_stopping_patience: Optional[int] = _opt(None, "Stop after this many validations without improvement of `monitor` (null: never).", minimum=1)
+    monitor: str = _opt("val_loss", "Validation metric watched by early stopping and `keep_best`.")
+    monitor_mode: str = _opt("min", "Whether a smaller or larger `monitor` is better.", choices=("min", "max"))
+
+    # --- machine and run -----------------------------------------------------------------------
+    seed: int = _opt(0, "Seed for model init, data order and every RNG.", minimum=0)
+    num_workers: int = _opt(0, "DataLoader worker processes (per process).", minimum=0)
+    output_dir: str = _opt("runs/default", "Where config.yaml, metrics.jsonl, checkpoints and model.safetensors go.")
+    cpu: bool = _opt(False, "Force CPU even when a GPU is present.")
+    collective_timeout_s: int = _opt(600, "Seconds a collective may wait for other ranks before the job fails.", minimum=1)
+
+    # --- logging -------------------------------------------------------------------------------
+    log_every: int = _opt(10, "Log training metrics every N optimizer steps.", minimum=1)
+    log_with: list = _opt([], "Extra trackers besides metrics.jsonl: any of tensorboard, wandb, mlflow, trackio.")
+    progress: bool = _opt(True, "Show a progress bar (main process, interactive terminals only).")
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    checkpoint_every: Optional[int] = _opt(None, "Save a checkpoint every N optimizer steps (null: only at epoch ends).", minimum=1)
+    checkpoint_epochs: bool = _opt(True, "Save a checkpoint at the end of each epoch.")
+    keep_last: Optional[int] = _opt(None, "Keep only the newest K checkpoints (null: keep all).", minimum=1)
+    keep_best: bool = _opt(False, "Also keep the checkpoint with the best `monitor`, never pruned.")
+    resume: str = _opt("auto", "`auto` (newest complete checkpoint in output_dir, if any), `never`, or a checkpoint path.")
+
+    # --- debugging -----------------------------------------------------------------------------
+    fast_dev_run: int = _opt(0, "Run N train and N val batches through the whole loop once, no checkpoints (0: off).", minimum=0)
+    overfit_batches: int = _opt(0, "Train and validate on the same first N batches (0: off).", minimum=0)
+    detect_anomaly: bool = _opt(False, "Turn on autograd anomaly detection (slow).")
+    on_nonfinite: str = _opt("stop", "On a NaN/inf training loss: stop with an error, or skip the update.", choices=("stop", "skip"))
+    compile: bool = _opt(False, "torch.compile the model through Accelerate's dynamo settings.")
+    profile_steps: Optional[list] = _opt(None, "`[start, end]`: write a torch.profiler trace of these optimizer steps to output_dir/profile/.")
+    auto_batch_size: bool = _opt(False, "On out-of-memory, halve `batch_size` and retry (agreed across ranks).")
+
+    def data_view(self) -> types.SimpleNamespace:
+        """The `cfg` given to the user's `get_dataloader`: every config key plus every `data_args` key."""
+        clash = sorted(set(self.data_args) & {f.name for f in dataclasses.fields(self)})
+        if clash:
+            raise UserError(f"data_args key {clash[0]!r} shadows the config key of the same name; rename it in data_args.")
+        return types.SimpleNamespace(**dataclasses.asdict(self), **self.data_args)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def describe_keys() -> str:
+    """One line per key, for `--help`."""
+    lines = []
+    for f in dataclasses.fields(Config):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        choices = f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else ""
+        lines.append(f"  {f.name} (default {default!r}): {f.metadata['help']}{choices}")
+    return "\n".join(lines)
+
+
+def _closest(key: str) -> str:
+    match = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.0)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def _check_value(name: str, value: Any) -> Any:
+    """Return `value` converted to the field's type, or raise a UserError naming key, value and expectation."""
+    f = FIELDS[name]
+    hint = typing.get_type_hints(Config)[name]
+    optional = typing.get_origin(hint) is typing.Union
+    base = [a for a in typing.get_args(hint) if a is not type(None)][0] if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"Config key {name!r} may not be null; expected {base.__name__}.")
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if base is float and isinstance(value, str):
+        # YAML 1.1 reads `3e-4` (no dot) as a string; users mean the number.
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if base is list and name == "log_with" and isinstance(value, str):
+        value = [value]
+    # bool is an int subclass, so `epochs: true` must be caught explicitly.
+    if not isinstance(value, base) or (base is int and isinstance(value, bool)):
+        raise UserError(f"Config key {name!r} has value {value!r} of type {type(value).__name__}; expected {base.__name__}.")
+    if f.metadata["choices"] and value not in f.metadata["choices"]:
+        raise UserError(f"Config key {name!r} has value {value!r}; expected one of {', '.join(f.metadata['choices'])}.")
+    minimum = f.metadata["minimum"]
+    if minimum is not None and value < minimum:
+        raise UserError(f"Config key {name!r} has value {value!r}; expected a number >= {minimum:g}.")
+    return value
+
+
+def _check_combinations(cfg: Config) -> None:
+    """Rules that involve more than one key: caught here, before any training starts."""
+    if cfg.max_steps is not None and cfg.warmup_steps > cfg.max_steps:
+        raise UserError(f"warmup_steps ({cfg.warmup_steps}) is larger than max_steps ({cfg.max_steps}); lower warmup_steps.")
+    if cfg.profile_steps is not None:
+        ok = len(cfg.profile_steps) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in cfg.profile_steps)
+        if not ok or not 0 <= cfg.profile_steps[0] < cfg.profile_steps[1]:
+            raise UserError(f"profile_steps {cfg.profile_steps!r} must be [start, end] with 0 <= start < end (optimizer steps).")
+    known_trackers = ("tensorboard", "wandb", "mlflow", "trackio")
+    for tracker in cfg.log_with:
+        if tracker not in known_trackers:
+            raise UserError(f"log_with entry {tracker!r} is not a tracker; expected any of {', '.join(known_trackers)}.")
+    if cfg.momentum and cfg.optimizer != "sgd":
+        raise UserError(f"momentum={cfg.momentum} only applies to optimizer: sgd (got optimizer: {cfg.optimizer}).")
+    if cfg.fast_dev_run and cfg.overfit_batches:
+        raise UserError("fast_dev_run and overfit_batches are both set; use one debug mode at a time.")
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
+        raise UserError(f"resume: {cfg.resume!r} is neither 'auto', 'never' nor an existing checkpoint directory.")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise UserError(f"Override {item!r} is not of the form key=value (e.g. lr=3e-4).")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise UserError(f"Override {item!r}: the value is not a YAML scalar ({exc.problem}).") from None
+    return key.strip(), value
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"Config file {str(path)!r} does not exist; check the --config path.") from None
+    except OSError as exc:
+        raise UserError(f"Config file {str(path)!r} cannot be read: {exc.strerror}.") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise UserError(f"Config file {str(path)!r} is not valid YAML{at}: {getattr(exc, 'problem', exc)}.") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"Config file {str(path)!r} must be a mapping of key: value, not a {type(raw).__name__}.")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), **values: Any) -> Config:
+    """Build the run's Config: defaults < YAML file < `values` < `key=value` overrides; checked once.
+
+    Dotted overrides reach into dict keys: `model_args.hidden=128`.
+    """
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    raw.update(values)
+    for item in overrides:
+        key, value = _parse_override(item)
+        head, _, sub = key.partition(".")
+        if sub and head in ("model_args", "data_args"):
+            raw[head] = {**(raw.get(head) or {}), sub: value}
+        else:
+            raw[key] = value
+    checked = {}
+    for key, value in raw.items():
+        if key not in FIELDS:
+            raise UserError(f"Unknown config key {key!r}.{_closest(str(key))} Run `dist-train train --help` for every key.")
+        checked[key] = _check_value(key, value)
+    cfg = Config(**checked)
+    _check_combinations(cfg)
+    return cfg

@@ -1,0 +1,147 @@
+"""Data loaders from the user's `get_dataloader`, with a sample order dist_train owns.
+
+The training order of epoch `e` is a permutation derived from `(seed, e)` alone, and the sampler can
+start at any offset into it. Accelerate's `prepare` then deals the sampler's batches round-robin to
+the ranks, so after `n` global micro-batches exactly the first `n x world_size x batch_size` samples
+of the permutation have been consumed, whatever the world size. That is what makes N ranks match one
+rank at the same global batch, and a mid-epoch resume, on any world size, continue with exactly the
+samples not yet seen.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
+
+from .config import Config
+from .errors import UserError
+from .plugins import resolve
+
+
+class EpochSampler(Sampler[int]):
+    """Yields `permutation(seed, epoch)[start:]`, padded by wrapping to whole global batches.
+
+    The padding (the permutation's first samples again, as DistributedSampler and Accelerate do)
+    keeps every rank's batches full so DDP never waits on a rank with nothing left.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool, global_batch_size: int):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.global_batch_size = global_batch_size
+        self.epoch = 0
+        self.start = 0
+
+    def set_position(self, epoch: int, samples_consumed: int) -> None:
+        """Start the next iteration at `samples_consumed` into epoch `epoch`'s order."""
+        self.epoch, self.start = epoch, samples_consumed
+
+    def order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def __len__(self) -> int:
+        padded = math.ceil(self.num_samples / self.global_batch_size) * self.global_batch_size
+        return max(padded - self.start, 0)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order()
+        padded_length = self.start + len(self)
+        if padded_length > self.num_samples:
+            order = torch.cat([order, order[: padded_length - self.num_samples]])
+        return iter(order[self.start : padded_length].tolist())
+
+
+def _user_loaders(cfg: Config):
+    get_data = resolve(cfg.data, "data")
+    view = cfg.data_view()
+    try:
+        train, val = get_data(view, True), get_data(view, False)
+    except TypeError as exc:
+        raise UserError(f"data: calling {cfg.data!r} as get_dataloader(cfg, train) failed: {exc}.") from None
+    return train, val
+
+
+def _as_loader(obj, cfg: Config, train: bool) -> DataLoader:
+    if isinstance(obj, DataLoader):
+        return obj
+    if isinstance(obj, Dataset) or (hasattr(obj, "__getitem__") and hasattr(obj, "__len__")):
+        return DataLoader(obj, batch_size=cfg.batch_size, shuffle=train, num_workers=cfg.num_workers)
+    raise UserError(
+        f"data: {cfg.data!r} returned a {type(obj).__name__} for train={train}; it must return a "
+        "torch DataLoader or a Dataset."
+    )
+
+
+def _check_not_empty(loader: DataLoader, cfg: Config, train: bool) -> None:
+    dataset = loader.dataset
+    if not isinstance(dataset, IterableDataset) and len(dataset) == 0:
+        split = "training" if train else "validation"
+        raise UserError(f"data: the {split} dataset from {cfg.data!r} is empty; check data_args (e.g. the data path).")
+
+
+def _with_epoch_sampler(loader: DataLoader, cfg: Config, world_size: int) -> DataLoader:
+    """Rebuild the user's training loader around an EpochSampler, keeping everything else it set."""
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
+        warnings.warn(
+            "The training DataLoader uses an IterableDataset or a custom batch_sampler: dist_train keeps "
+            "it as is, so the sample order and a mid-epoch resume are not guaranteed to be exact."
+        )
+        return loader
+    shuffle = isinstance(loader.sampler, RandomSampler)
+    sampler = EpochSampler(len(loader.dataset), cfg.seed, shuffle, loader.batch_size * world_size)
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=loader.drop_last,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        persistent_workers=loader.persistent_workers,
+        prefetch_factor=loader.prefetch_factor,
+    )
+
+
+def build_loaders(cfg: Config, world_size: int) -> tuple[DataLoader, DataLoader]:
+    """The training and validation DataLoaders, before `accelerator.prepare`."""
+    train_obj, val_obj = _user_loaders(cfg)
+    train_loader, val_loader = _as_loader(train_obj, cfg, True), _as_loader(val_obj, cfg, False)
+    _check_not_empty(train_loader, cfg, True)
+    _check_not_empty(val_loader, cfg, False)
+    return _with_epoch_sampler(train_loader, cfg, world_size), val_loader
+
+
+def epoch_sampler(loader) -> EpochSampler | None:
+    """The EpochSampler inside a (prepared) loader, if dist_train owns its order."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    while batch_sampler is not None:
+        sampler = getattr(batch_sampler, "sampler", None)
+        if isinstance(sampler, EpochSampler):
+            return sampler
+        batch_sampler = getattr(batch_sampler, "batch_sampler", None)
+    return None
+
+
+def split_batch(batch, data_spec: str):
+    """(inputs, targets) from a batch, or a UserError saying what the loader yielded instead."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch
+    if isinstance(batch, dict) and {"inputs", "targets"} <= batch.keys():
+        return batch["inputs"], batch["targets"]
+    kind = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    raise UserError(
+        f"data: the loader from {data_spec!r} yielded a {kind}; each batch must be (inputs, targets), "
+        "e.g. a Dataset whose __getitem__ returns (x, y)."
+    )
+
+

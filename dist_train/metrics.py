@@ -1,0 +1,129 @@
+"""Training metrics: `metrics.jsonl` on the main process, plus Accelerate's trackers.
+
+The loop calls `observe` every micro-batch and `log_step` every optimizer step; this component decides
+when a record is due (`log_every`). The loss stays on the device between logs, summed there, so the
+hot loop never waits for it: it is read back only when a record is written.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from .config import Config
+from .state import TrainState
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA's max allocated memory on GPU; the process's peak resident set size otherwise."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+class _RunningMean:
+    """A sum kept on the device, read back only on demand."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.total = torch.zeros((), dtype=torch.float32, device=accelerator.device)
+        self.count = 0
+
+    def add(self, value: torch.Tensor) -> None:
+        self.total += value.detach().float()
+        self.count += 1
+
+    def pop(self) -> float | None:
+        """The mean over every rank's values since the last pop (a collective: all ranks call it)."""
+        if self.count == 0:
+            return None
+        mean = self.accelerator.reduce(self.total.clone(), "mean").item() / self.count
+        self.total.zero_()
+        self.count = 0
+        return mean
+
+
+class MetricsLogger:
+    def __init__(self, cfg: Config, accelerator: Accelerator):
+        self.cfg = cfg
+        self.accelerator = accelerator
+        self.is_main_process = accelerator.is_main_process
+        self._interval_loss = _RunningMean(accelerator)
+        self._eval_loss = _RunningMean(accelerator)
+        self._samples = 0
+        self._tokens = 0
+        self._steps = 0
+        self._last_time = time.perf_counter()
+        self.path = Path(cfg.output_dir) / "metrics.jsonl"
+        self._file = open(self.path, "a") if self.is_main_process else None
+        if cfg.log_with:
+            accelerator.init_trackers("dist_train", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))})
+
+    def observe(self, loss: torch.Tensor, inputs) -> None:
+        """Account one micro-batch (on this rank); no host sync."""
+        self._interval_loss.add(loss)
+        self._eval_loss.add(loss)
+        if isinstance(inputs, torch.Tensor):
+            self._samples += inputs.shape[0]
+            if not inputs.is_floating_point():  # token ids: count tokens too
+                self._tokens += inputs.numel()
+
+    def log_step(self, state: TrainState, lr: float, grad_norm: torch.Tensor | None) -> dict | None:
+        """Called once per optimizer step; writes a record every `log_every` steps and returns it."""
+        self._steps += 1
+        if state.optimizer_step % self.cfg.log_every != 0:
+            return None
+        now = time.perf_counter()
+        seconds = now - self._last_time
+        world = self.accelerator.num_processes
+        record = {
+            "epoch": state.epoch,
+            "step": state.optimizer_step,
+            "train_loss": self._interval_loss.pop(),
+            "lr": lr,
+            "samples_per_s": self._samples * world / seconds,
+            "step_time_s": seconds / self._steps,
+            "peak_memory_mb": peak_memory_mb(self.accelerator.device),
+        }
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if self._tokens:
+            record["tokens_per_s"] = self._tokens * world / seconds
+        if state.nonfinite_skipped:
+            record["nonfinite_skipped"] = state.nonfinite_skipped
+        if self.cfg.mixed_precision == "fp16":
+            record["overflow_skipped"] = state.overflow_skipped
+        self._samples = self._tokens = self._steps = 0
+        self._last_time = now
+        self.write(record)
+        return record
+
+    def log_eval(self, state: TrainState, val_metrics: dict) -> dict:
+        record = {
+            "epoch": state.epoch,
+            "step": state.optimizer_step,
+            "train_loss": self._eval_loss.pop(),
+            **val_metrics,
+            "num_processes": self.accelerator.num_processes,
+        }
+        self.write(record)
+        return record
+
+    def write(self, record: dict) -> None:
+        if self.cfg.log_with:
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and v is not None}, step=record["step"])
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self.cfg.log_with:
+            self.accelerator.end_training()
+        if self._file is not None:
+            self._file.close()
+            self._file = None

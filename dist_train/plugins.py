@@ -1,0 +1,110 @@
+"""The plug-in contract: the user's model factory, data function and loss, resolved from import strings.
+
+An import string is `path/to/file.py:Name` (a file, loaded by path, its folder put on sys.path so the
+seed's sibling imports work) or `package.module:Name`. Every failure is a `UserError` that names the
+string and what is missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+
+
+def resolve(spec: str, key: str) -> Callable:
+    """Return the object an import string names; `key` is the config key it came from, for messages."""
+    module_part, sep, attr = spec.rpartition(":")
+    if not sep or not module_part or not attr:
+        raise UserError(f"{key}: {spec!r} is not an import string; write `path/to/file.py:Name` or `package.module:Name`.")
+    if module_part.endswith(".py"):
+        path = Path(module_part).expanduser().resolve()
+        if not path.is_file():
+            raise UserError(f"{key}: file {module_part!r} in {spec!r} does not exist (relative paths start at {Path.cwd()}).")
+        # The seed's model.py / dataloader.py import their siblings (`from dataset import MyDataset`).
+        if str(path.parent) not in sys.path:
+            sys.path.insert(0, str(path.parent))
+        name = f"_dist_train_user_{path.stem}_{abs(hash(str(path)))}"
+        module = sys.modules.get(name)
+        if module is None:
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except Exception:
+                del sys.modules[name]
+                raise
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_part.startswith(exc.name):
+                raise UserError(f"{key}: module {module_part!r} in {spec!r} cannot be found; check the name or install it.") from None
+            raise
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        public = sorted(n for n in vars(module) if not n.startswith("_"))
+        raise UserError(f"{key}: {module_part!r} has no attribute {attr!r} (it has: {', '.join(public[:12])}).") from None
+
+
+def build_model(spec: str, kwargs: dict) -> nn.Module:
+    factory = resolve(spec, "model")
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:
+        raise UserError(f"model: calling {spec!r} with model_args {kwargs!r} failed: {exc}. Fix model_args.") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model: {spec!r} returned a {type(model).__name__}, not a torch.nn.Module; it must return the model.")
+    return model
+
+
+def _mse_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    per_element = F.mse_loss(outputs, targets.to(outputs.dtype).view_as(outputs), reduction="none")
+    return per_element.reshape(per_element.shape[0], -1).mean(dim=1)
+
+
+def _cross_entropy_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(outputs.float(), targets, reduction="none")
+
+
+BUILTIN_LOSSES = {"cross_entropy": _cross_entropy_per_sample, "mse": _mse_per_sample}
+
+
+class Loss:
+    """The training loss (a scalar mean over the batch) and the validation loss (one value per sample).
+
+    Built-in losses are per-sample functions. A user loss `(outputs, targets) -> loss` may return one
+    value per sample, used as is, or a scalar batch mean, which validation weights by the batch size:
+    exact for mean-reduced losses, an approximation for anything else.
+    """
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.is_classification = spec == "cross_entropy"
+        self._fn = BUILTIN_LOSSES.get(spec) or resolve(spec, "loss")
+
+    def __call__(self, outputs, targets) -> torch.Tensor:
+        value = self._fn(outputs, targets)
+        return value.mean() if value.ndim else value
+
+    def per_sample(self, outputs, targets) -> torch.Tensor:
+        value = self._fn(outputs, targets)
+        batch = targets.shape[0] if isinstance(targets, torch.Tensor) else len(targets)
+        return value.float().reshape(-1) if value.ndim else value.float().expand(batch)
+
+
+def build_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
+    return optimizer_cls(params, lr=lr, weight_decay=weight_decay)
