@@ -1,0 +1,121 @@
+"""Helpers for tests that train through the real CLI, in real processes (gloo on CPU when N > 1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+CPU_LAUNCH_CONFIG = REPO / "launch_configs" / "cpu.yaml"
+
+
+def cli_command(args: list[str], nproc: int = 1, subcommand: str = "train") -> list[str]:
+    """`python -m dist_train SUBCOMMAND ARGS`, or the same under `accelerate launch` with N CPU processes."""
+    if nproc == 1:
+        return [sys.executable, "-m", "dist_train", subcommand, *args]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
+        "--num_processes", str(nproc), "--main_process_port", str(_free_port()),
+        "-m", "dist_train", subcommand, *args,
+    ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli(args: list[str], nproc: int = 1, timeout: float = 300, check: bool = True, env: dict | None = None,
+            subcommand: str = "train") -> subprocess.CompletedProcess:
+    """Run the CLI to completion; with check=True, a non-zero exit fails the test showing its output."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(cli_command(args, nproc, subcommand), capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-6000:]}")
+    return result
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def val_records(output_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(output_dir) if "val_loss" in r]
+
+
+def load_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(output_dir) / "model.safetensors"))
+
+
+def write_seed_project(folder: Path, num_train: int = 256, num_val: int = 101) -> Path:
+    """A user project in the seed's layout: model.py (MyModel), dataset.py, dataloader.py (get_dataloader)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.py").write_text(textwrap.dedent('''
+        import torch.nn as nn
+
+        class MyModel(nn.Module):
+            def __init__(self, in_features=16, hidden=32, num_classes=4):
+                super().__init__()
+                self.fc1 = nn.Linear(in_features, hidden)
+                self.act = nn.Tanh()
+                self.fc2 = nn.Linear(hidden, num_classes)
+
+            def forward(self, x):
+                return self.fc2(self.act(self.fc1(x)))
+    '''))
+    (folder / "dataset.py").write_text(textwrap.dedent(f'''
+        import torch
+        from torch.utils.data import Dataset
+
+        class MyDataset(Dataset):
+            """A fixed synthetic classification set stored in data_path, read back like a real one."""
+
+            def __init__(self, data_path, train=True):
+                data = torch.load(data_path, weights_only=True)
+                split = "train" if train else "val"
+                self.x, self.y = data[split + "_x"], data[split + "_y"]
+
+            def __len__(self):
+                return len(self.y)
+
+            def __getitem__(self, index):
+                return self.x[index], self.y[index]
+
+        def make(path):
+            g = torch.Generator().manual_seed(0)
+            w = torch.randn(16, 4, generator=g)
+            def split(n):
+                x = torch.randn(n, 16, generator=g)
+                return x, (x @ w).argmax(dim=1)
+            tx, ty = split({num_train}); vx, vy = split({num_val})
+            torch.save({{"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy}}, path)
+    '''))
+    (folder / "dataloader.py").write_text(textwrap.dedent('''
+        from torch.utils.data import DataLoader
+        from dataset import MyDataset
+
+        def get_dataloader(cfg, train):
+            dataset = MyDataset(cfg.data_path, train=train)
+            return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train, num_workers=cfg.num_workers)
+    '''))
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(folder)!r}); import dataset; dataset.make({str(folder / 'data.pt')!r})"], check=True)
+    return folder
+
+
+def seed_project_args(folder: Path, output_dir: Path, *extra: str) -> list[str]:
+    """CLI overrides that train the seed project in `folder` into `output_dir`."""
+    return [
+        f"model={folder / 'model.py'}:MyModel", f"data={folder / 'dataloader.py'}:get_dataloader",
+        f"data_args={{data_path: {folder / 'data.pt'}}}", f"output_dir={output_dir}", "progress=false",
+        "resume=never", *extra,
+    ]
