@@ -1,0 +1,94 @@
+"""The core promise: the seed's loop runs unchanged on 1 and N processes, and N ranks ≡ 1 rank."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers import load_weights, read_metrics, run_cli, seed_project_args, val_records, write_seed_project
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    return write_seed_project(tmp_path_factory.mktemp("seed"), num_train=256, num_val=101)
+
+
+def _user_model_keys(project: Path) -> list[str]:
+    spec = importlib.util.spec_from_file_location("user_model", project / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return sorted(module.MyModel().state_dict())
+
+
+def test_default_task_reaches_its_accuracy(tmp_path):
+    result = run_cli([f"output_dir={tmp_path / 'digits'}", "progress=false"])
+    final = val_records(tmp_path / "digits")[-1]
+    assert final["val_accuracy"] >= 0.95, final
+    assert final["val_samples"] == 359 and final["num_processes"] == 1
+    assert "outputs in" in result.stdout
+    assert (tmp_path / "digits" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_seed_layout_trains_through_the_cli(project, tmp_path, nproc):
+    out = tmp_path / "run"
+    run_cli(seed_project_args(project, out, "epochs=2", "batch_size=16"), nproc=nproc)
+    records = val_records(out)
+    assert [r["epoch"] for r in records] == [0, 1]
+    steps_per_epoch = 256 // (16 * nproc)
+    assert [r["step"] for r in records] == [steps_per_epoch, 2 * steps_per_epoch]
+    for record in records:
+        assert record["val_samples"] == 101
+        assert record["num_processes"] == nproc  # never N lone trainings
+        assert {"train_loss", "val_loss", "val_accuracy"} <= record.keys()
+    assert sorted(load_weights(out)) == _user_model_keys(project)  # unwrapped: no module. prefixes
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["batch_size"] == 16 and saved["data_args"] == {"data_path": str(project / "data.pt")}
+
+
+def test_two_ranks_match_one_rank_at_the_same_global_batch(project, tmp_path):
+    """2 gloo processes x batch 8 ≡ 1 process x batch 16: same sample order, same parameters."""
+    common = ("epochs=2", "optimizer=sgd", "lr=0.1", "momentum=0.9", "seed=3")
+    run_cli(seed_project_args(project, tmp_path / "one", "batch_size=16", *common), nproc=1)
+    run_cli(seed_project_args(project, tmp_path / "two", "batch_size=8", *common), nproc=2)
+    one, two = load_weights(tmp_path / "one"), load_weights(tmp_path / "two")
+    initial = load_weights_of_untrained(project)
+    assert any(not torch.equal(one[k], initial[k]) for k in one), "training changed nothing"
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+    assert [r["step"] for r in val_records(tmp_path / "one")] == [r["step"] for r in val_records(tmp_path / "two")]
+
+
+def load_weights_of_untrained(project: Path) -> dict:
+    spec = importlib.util.spec_from_file_location("user_model_init", project / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(3)
+    return module.MyModel().state_dict()
+
+
+def test_gathered_val_loss_is_the_exact_mean(project, tmp_path):
+    """101 validation samples over 2 ranks x batch 8 (padded by Accelerate): same mean as one process."""
+    frozen = ("epochs=1", "lr=0", "batch_size=8")  # lr=0: both runs validate the very same weights
+    run_cli(seed_project_args(project, tmp_path / "one", *frozen), nproc=1)
+    run_cli(seed_project_args(project, tmp_path / "two", *frozen), nproc=2)
+    one, two = val_records(tmp_path / "one")[-1], val_records(tmp_path / "two")[-1]
+    assert one["val_samples"] == two["val_samples"] == 101
+    assert two["num_processes"] == 2
+    assert abs(two["val_loss"] - one["val_loss"]) <= 1e-6 * abs(one["val_loss"])
+    assert two["val_accuracy"] == one["val_accuracy"]
+    # The reference: the mean over all 101 samples computed here, in one pass, from the saved weights.
+    data = torch.load(project / "data.pt", weights_only=True)
+    spec = importlib.util.spec_from_file_location("user_model_ref", project / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.MyModel()
+    model.load_state_dict(load_weights(tmp_path / "one"))
+    with torch.no_grad():
+        reference = torch.nn.functional.cross_entropy(model(data["val_x"]), data["val_y"]).item()
+    assert abs(one["val_loss"] - reference) <= 1e-6 * reference
+    assert len(read_metrics(tmp_path / "two")) >= 1
