@@ -1,0 +1,296 @@
+"""Checkpoints that never lose a step: written whole or not at all, verified before they are trusted.
+
+Layout: `output_dir/checkpoints/step_{N:08d}/` holds what `accelerator.save_state` writes (model weights
+as safetensors, optimizer, scheduler, one RNG file per rank, the registered TrainState), the run's
+`config.yaml`, and `manifest.json` (see manifest.py). A save goes to `.tmp-step_N`, gets its manifest
+after every file is on disk, and only then is renamed to `step_N`; older checkpoints are pruned after
+that. A crash at any moment leaves the previous checkpoints as they were.
+
+Loading never unpickles code: hashes are checked first (main process), weights come from safetensors,
+everything else through `torch.load(weights_only=True)` — including the registered TrainState, which
+Accelerate itself would load with `weights_only=False`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from accelerate.utils import broadcast_object_list, gather_object
+from safetensors import SafetensorError
+
+from .config import Config
+from .errors import UserError
+from .manifest import InvalidCheckpoint, fsync_path, read_manifest, verify, write_manifest
+from .safe_load import load_unwrapped_weights, restore_rng, safe_custom_state_loader, safe_torch_load
+from .state import TrainState
+
+PAUSE_ENV = "DIST_TRAIN_TEST_PAUSE_IN_SAVE"  # "STEP:MARKER": tests kill the process inside this save
+
+
+def _warn(message: str) -> None:
+    print(f"dist_train: warning: {message}", file=sys.stderr, flush=True)
+
+
+class Checkpointer:
+    """Owns when and how checkpoints are written, and what `resume` loads. All ranks call every method."""
+
+    def __init__(self, cfg: Config, accelerator, state: TrainState):
+        self.cfg, self.accelerator, self.state = cfg, accelerator, state
+        self.root = Path(cfg.output_dir) / "checkpoints"
+        self.enabled = not cfg.fast_dev_run  # a smoke test leaves no trace and resumes nothing
+        self._pending = False
+        self._last_saved: tuple | None = None
+        accelerator.register_save_state_pre_hook(self._save_unwrapped_weights)
+        accelerator.register_load_state_pre_hook(lambda models, input_dir: load_unwrapped_weights(accelerator, models, input_dir))
+
+    # ---- when ----------------------------------------------------------------------------------
+    def save_if_due(self, *, epoch_end: bool, record: dict | None = None) -> None:
+        """Called after every optimizer step (epoch_end=False) and after each epoch-end validation."""
+        if not self.enabled:
+            return
+        step = self.state.optimizer_step
+        if not epoch_end:
+            if self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0:
+                if self.accelerator.gradient_state.end_of_dataloader:
+                    # The epoch's last step: saved by the epoch-end call, after its validation and the
+                    # epoch increment, so a resume starts the next epoch instead of an empty remainder.
+                    self._pending = True
+                else:
+                    self.save(record)
+            return
+        if self.cfg.checkpoint_epochs or self._pending:
+            self._pending = False
+            self.save(record)
+
+    # ---- saving --------------------------------------------------------------------------------
+    def save(self, record: dict | None = None) -> Path:
+        """Write a checkpoint of the current step now; returns its final directory."""
+        acc, step = self.accelerator, self.state.optimizer_step
+        final, tmp = self.root / f"step_{step:08d}", self.root / f".tmp-step_{step:08d}"
+        if self._last_saved == (step, self.state.state_dict()):
+            return final  # already saved, and nothing changed since (e.g. a stop right after a step save)
+        error = None
+        if acc.is_main_process:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            except OSError as exc:
+                error = self._write_error(exc)
+        self._agree(error, tmp)
+        try:
+            acc.save_state(str(tmp), safe_serialization=True)  # every rank writes its own RNG file
+            if acc.is_main_process:
+                (tmp / "config.yaml").write_text(self.cfg.to_yaml())
+        except (OSError, RuntimeError, SafetensorError) as exc:  # torch's zip writer reports I/O errors as RuntimeError
+            error = self._write_error(exc)
+        self._agree(error, tmp)
+        self._pause_for_tests(step)
+        if acc.is_main_process:
+            try:
+                write_manifest(tmp, self._describe(record))
+                self._publish(tmp, final)
+                self._prune(keep=final)
+            except OSError as exc:
+                error = self._write_error(exc)
+        self._agree(error, tmp)
+        self._last_saved = (step, self.state.state_dict())
+        return final
+
+    def _describe(self, record: dict | None) -> dict:
+        import accelerate
+
+        from . import __version__
+
+        validated_here = bool(record) and record.get("step") == self.state.optimizer_step
+        value = record.get(self.cfg.monitor) if validated_here else None
+        return {
+            "format": 1,
+            "step": self.state.optimizer_step,
+            "epoch": self.state.epoch,
+            "samples_consumed": self.state.samples_consumed,
+            "world_size": self.accelerator.num_processes,
+            "batch_size": self.cfg.batch_size,
+            "grad_accum_steps": self.cfg.grad_accum_steps,
+            "mixed_precision": self.cfg.mixed_precision,
+            "distributed_type": str(self.accelerator.distributed_type),
+            "monitor": {"name": self.cfg.monitor, "mode": self.cfg.monitor_mode, "value": value},
+            "versions": {"torch": torch.__version__, "accelerate": accelerate.__version__, "dist_train": __version__},
+            "saved_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Atomically give the complete checkpoint its name (replacing one of the same step)."""
+        old = final.with_name(".old-" + final.name)
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+        os.rename(tmp, final)
+        fsync_path(self.root)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _prune(self, keep: Path) -> None:
+        """Remove leftovers of interrupted saves, then all but the newest `keep_last` (and the best)."""
+        for leftover in self.root.glob(".tmp-step_*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if self.cfg.keep_last is None:
+            return
+        complete = self._complete()
+        kept = {path for _, path, _ in complete[-self.cfg.keep_last:]} | {keep}
+        if self.cfg.keep_best and (best := self._best(complete)) is not None:
+            kept.add(best)
+        for _, path, _ in complete:
+            if path not in kept:
+                shutil.rmtree(path)
+
+    def _best(self, complete: list) -> Path | None:
+        sign = 1.0 if self.cfg.monitor_mode == "min" else -1.0
+        scored = [
+            (sign * m["monitor"]["value"], step, path) for step, path, m in complete
+            if (m.get("monitor") or {}).get("name") == self.cfg.monitor and m["monitor"].get("value") is not None
+        ]
+        return min(scored)[2] if scored else None  # ties: the earliest, as early stopping counts them
+
+    def _complete(self) -> list[tuple[int, Path, dict]]:
+        """(step, path, manifest) of every checkpoint with a manifest, oldest first (hashes not checked)."""
+        found = []
+        for path in self.root.glob("step_*") if self.root.is_dir() else []:
+            try:
+                manifest = read_manifest(path)
+            except InvalidCheckpoint:
+                continue
+            found.append((int(manifest["step"]), path, manifest))
+        return sorted(found, key=lambda item: (item[0], item[1].name))
+
+    def _write_error(self, exc: Exception) -> str:
+        reason = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
+        with contextlib.suppress(OSError):
+            reason += f"; {shutil.disk_usage(self.root).free / 2**20:.0f} MiB free there"
+        return (
+            f"cannot write a checkpoint to {self.root} ({reason}); existing checkpoints are "
+            "untouched. Free disk space or make output_dir writable, then rerun with resume: auto."
+        )
+
+    def _agree(self, error: str | None, tmp: Path) -> None:
+        """All ranks learn whether any rank failed (a collective), so no rank waits forever on another."""
+        errors = [e for e in gather_object([error]) if e]
+        if errors:
+            if self.accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(errors[0])
+
+    def _pause_for_tests(self, step: int) -> None:
+        spec = os.environ.get(PAUSE_ENV)
+        if spec and self.accelerator.is_main_process and int(spec.split(":", 1)[0]) == step:
+            Path(spec.split(":", 1)[1]).write_text(str(step))
+            time.sleep(600)
+
+    # ---- Accelerate hooks: weights keyed as in the user's model, whatever wraps it -------------
+    def _save_unwrapped_weights(self, models, weights, output_dir) -> None:
+        # Accelerate saves the DDP-wrapped state dict ("module." keys), which a 1-process run cannot load.
+        for i in range(len(weights)):
+            weights[i] = self.accelerator.unwrap_model(models[i]).state_dict()
+
+    # ---- resuming ------------------------------------------------------------------------------
+    def resume(self) -> None:
+        """Load the checkpoint `cfg.resume` names (auto: newest complete one; none: start fresh)."""
+        if not self.enabled:
+            return
+        choice = self._choose() if self.accelerator.is_main_process else None
+        path, manifest, error = broadcast_object_list([choice])[0]
+        if error:
+            raise UserError(error)
+        if path is None:
+            return
+        self._check_position(path, manifest)
+        self._load(Path(path), manifest)
+        if self.accelerator.is_main_process:
+            moved = f", written by {manifest['world_size']} processes" if manifest["world_size"] != self.accelerator.num_processes else ""
+            print(
+                f"dist_train: resumed from {path} at optimizer step {self.state.optimizer_step} (epoch "
+                f"{self.state.epoch}, {self.state.samples_consumed} samples into it{moved})", flush=True,
+            )
+
+    def _choose(self) -> tuple[str | None, dict | None, str | None]:
+        """(path, manifest, error), decided on the main process; hashes are verified here."""
+        mode = self.cfg.resume
+        if mode == "never":
+            complete = self._complete()
+            if complete:
+                return None, None, (
+                    f"resume: never, but {self.root} already holds checkpoints (newest {complete[-1][1].name}) "
+                    "that would mix with this run's. Use resume: auto to continue that run, another output_dir, "
+                    "or delete the folder."
+                )
+            return None, None, None
+        if mode != "auto":
+            try:
+                return mode, verify(Path(mode)), None
+            except InvalidCheckpoint as exc:
+                return None, None, f"resume: {mode!r} is not a usable checkpoint: {exc}."
+        candidates = []
+        for path in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            if not path.is_dir():
+                continue
+            try:
+                candidates.append((int(read_manifest(path)["step"]), path))
+            except InvalidCheckpoint as exc:
+                _warn(f"resume: auto skips incomplete checkpoint {path}: {exc}")
+        for _, path in sorted(candidates, reverse=True):
+            try:
+                return str(path), verify(path), None
+            except InvalidCheckpoint as exc:
+                _warn(f"resume: auto skips corrupt checkpoint {path}: {exc}")
+        return None, None, None
+
+    def _check_position(self, path: str, manifest: dict) -> None:
+        """Same kind of sharding, and a mid-epoch position on a global micro-batch boundary of this run."""
+        was_fsdp, is_fsdp = "FSDP" in manifest["distributed_type"], "FSDP" in str(self.accelerator.distributed_type)
+        if was_fsdp != is_fsdp:
+            raise UserError(
+                f"checkpoint {path} was written {'with' if was_fsdp else 'without'} FSDP and this run is "
+                f"{'' if is_fsdp else 'not '}FSDP; resume it the same way, or `dist-train export` it and start from the weights."
+            )
+        consumed = int(manifest["samples_consumed"])
+        global_batch = self.cfg.batch_size * self.accelerator.num_processes
+        if consumed % global_batch:
+            raise UserError(
+                f"checkpoint {path} stopped {consumed} samples into epoch {manifest['epoch']}; this run's global "
+                f"micro-batch ({self.cfg.batch_size} x {self.accelerator.num_processes} processes = {global_batch}) "
+                "does not divide that, so the rest of the epoch cannot be dealt exactly once. Resume with a "
+                "world size or batch_size whose global batch divides it, or from an epoch-end checkpoint (resume: PATH)."
+            )
+        old = int(manifest["batch_size"]) * int(manifest["world_size"]) * int(manifest["grad_accum_steps"])
+        new = global_batch * self.cfg.grad_accum_steps
+        if old != new and self.accelerator.is_main_process:
+            _warn(
+                f"the global batch changes from {old} to {new} samples per optimizer step: the rest of the run takes "
+                "a different number of optimizer steps, and the lr schedule and the step budget (epochs x steps per "
+                "epoch at this world size) count optimizer steps. Scale batch_size to keep it constant."
+            )
+
+    def _load(self, path: Path, manifest: dict) -> None:
+        acc = self.accelerator
+        own_rng = path / f"random_states_{acc.process_index}.pkl"
+        # A rank the saving run did not have takes the RNG of the rank it replaces (index mod old size).
+        rng_file = own_rng if own_rng.is_file() else path / f"random_states_{acc.process_index % manifest['world_size']}.pkl"
+        rng = safe_torch_load(rng_file)  # Accelerate would swallow an unreadable RNG file silently
+        try:
+            with safe_custom_state_loader():
+                acc.load_state(str(path))
+        except (UserError, pickle.UnpicklingError) as exc:
+            raise exc if isinstance(exc, UserError) else UserError(
+                f"checkpoint {path}: refusing to unpickle a file with non-tensor objects ({str(exc).splitlines()[0]})."
+            ) from None
+        except RuntimeError as exc:
+            raise UserError(f"checkpoint {path} does not fit this run: {str(exc).splitlines()[0]}") from None
+        if not own_rng.is_file():
+            restore_rng(rng, acc)

@@ -1,0 +1,271 @@
+"""Checkpoints: crash-safe saves, exact resume after a real SIGKILL, another world size, security, export.
+
+Every run is a real `dist-train train` process (gloo for 2 ranks). The user project records the ids of
+the samples it trains on (one file per rank) and can SIGKILL itself at a given forward pass, so the
+tests see exactly what a preempted job sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import cli_command, load_weights, run_cli, seed_project_args, val_records, write_seed_project
+
+from dist_train import UserError, load_config, train
+from dist_train.manifest import MANIFEST, read_manifest, verify, write_manifest
+
+# 1 process: 8 steps/epoch; 2 processes: 4 steps/epoch (batch 8 per process, 2 micro-batches per step).
+EXACT = ("epochs=2", "batch_size=8", "grad_accum_steps=2", "checkpoint_every=3", "lr_schedule=linear", "warmup_steps=2", "seed=5")
+KILL_AT_FORWARD = {1: 21, 2: 14}  # rank 0's 21st / 14th training forward: inside step 11 / 7; last save 9 / 6
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    folder = write_seed_project(tmp_path_factory.mktemp("ckpt_seed"), num_train=128, num_val=40)
+    (folder / "dataset.py").write_text((folder / "dataset.py").read_text().replace(
+        "return self.x[index], self.y[index]",
+        "return torch.cat([self.x[index], torch.tensor([float(index)])]), self.y[index]  # last column: the id",
+    ))
+    (folder / "model.py").write_text(textwrap.dedent('''
+        import os, signal
+        import torch.nn as nn
+
+        class MyModel(nn.Module):
+            """The seed model; it logs the ids it trains on and can SIGKILL itself (a real crash)."""
+
+            def __init__(self, in_features=16, hidden=32, num_classes=4):
+                super().__init__()
+                self.fc1 = nn.Linear(in_features, hidden)
+                self.act = nn.Tanh()
+                self.fc2 = nn.Linear(hidden, num_classes)
+                self.forwards = 0
+
+            def forward(self, x):
+                if self.training:
+                    self.forwards += 1
+                    rank = os.environ.get("RANK", "0")
+                    if os.environ.get("IDS_DIR"):
+                        with open(os.path.join(os.environ["IDS_DIR"], f"rank{rank}.txt"), "a") as f:
+                            f.write(" ".join(str(int(i)) for i in x[:, -1].tolist()) + "\\n")
+                    if rank == "0" and self.forwards == int(os.environ.get("KILL_AT_FORWARD", "0")):
+                        os.kill(os.getpid(), signal.SIGKILL)
+                return self.fc2(self.act(self.fc1(x[:, :-1])))
+    '''))
+    return folder
+
+
+def _args(project: Path, out: Path, *extra: str) -> list[str]:
+    return seed_project_args(project, out, "resume=auto", *extra)
+
+
+def _refused(args: list[str]) -> str:
+    """The UserError of a run that must stop before its first step, run in this process (no start-up cost)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    try:
+        with pytest.raises(UserError) as caught:
+            train(load_config(None, args))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+    return str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def reference(project, tmp_path_factory) -> dict[int, Path]:
+    """Uninterrupted runs (1 and 2 processes) that the interrupted ones must reproduce bit for bit."""
+    runs = {}
+    for nproc in (1, 2):
+        runs[nproc] = tmp_path_factory.mktemp(f"reference{nproc}") / "run"
+        run_cli(_args(project, runs[nproc], *EXACT), nproc=nproc)
+    return runs
+
+
+def _assert_bitwise_equal(run: Path, reference: Path) -> None:
+    got, want = load_weights(run), load_weights(reference)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), f"{name} differs from the uninterrupted run"
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkill_then_resume_is_bitwise_identical(project, reference, tmp_path, nproc):
+    out = tmp_path / "run"
+    killed = run_cli(_args(project, out, *EXACT), nproc=nproc, check=False, env={"KILL_AT_FORWARD": str(KILL_AT_FORWARD[nproc])})
+    assert killed.returncode != 0 and not (out / "model.safetensors").exists()
+    last_saved = {1: 9, 2: 6}[nproc]
+    assert max(read_manifest(p)["step"] for p in (out / "checkpoints").glob("step_*")) == last_saved
+    resumed = run_cli(_args(project, out, *EXACT), nproc=nproc)
+    assert f"step_{last_saved:08d} at optimizer step {last_saved} (epoch 1, " in resumed.stdout  # mid-epoch
+    _assert_bitwise_equal(out, reference[nproc])
+
+
+def _read_ids(ids_dir: Path) -> dict[int, list[int]]:
+    return {int(p.stem[4:]): [int(i) for line in p.read_text().split("\n") if line for i in line.split()] for p in ids_dir.glob("rank*.txt")}
+
+
+def _epoch_ids(first: dict, second: dict, first_epoch_rest: int, world_sizes: tuple[int, int]) -> list[list[int]]:
+    """Ids trained on in epochs 0 and 1 over both runs (per-rank logs, split where epoch 0 ends)."""
+    per_rank_rest = first_epoch_rest // world_sizes[1]
+    epoch0 = [i for ids in first.values() for i in ids] + [i for ids in second.values() for i in ids[:per_rank_rest]]
+    epoch1 = [i for ids in second.values() for i in ids[per_rank_rest:]]
+    return [sorted(epoch0), sorted(epoch1)]
+
+
+@pytest.mark.parametrize("sizes", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_sees_each_sample_once_per_epoch(project, tmp_path, sizes):
+    """Stopped mid-epoch on one world size, finished on the other: the rest of the epoch is exactly what was left."""
+    out, first_ids, second_ids = tmp_path / "run", tmp_path / "ids0", tmp_path / "ids1"
+    first_ids.mkdir(), second_ids.mkdir()
+    common = ("epochs=2", "batch_size=8", "checkpoint_every=1")
+    # 2 ranks x 8: 3 steps = 48 of 128 samples; 1 rank x 8: 3 steps = 24 samples.
+    run_cli(_args(project, out, *common, "max_steps=3"), nproc=sizes[0], env={"IDS_DIR": str(first_ids)})
+    consumed = 3 * 8 * sizes[0]
+    if sizes == (1, 2):
+        # 24 samples in, a global batch of 16 (here 1 rank x 16; 2 x 8 alike) cannot deal the rest exactly.
+        error = _refused(_args(project, out, *common, "batch_size=16", "max_steps=null"))
+        assert "does not divide" in error and "step_00000003" in error
+        second_batch = "batch_size=4"  # 2 ranks x 4 = 8: same global batch as the first run
+    else:
+        second_batch = "batch_size=8"  # 1 rank x 8 = 8 divides 48
+    resumed = run_cli(_args(project, out, *common, second_batch, "max_steps=null"), nproc=sizes[1], env={"IDS_DIR": str(second_ids)})
+    assert f"written by {sizes[0]} processes" in resumed.stdout
+    epochs = _epoch_ids(_read_ids(first_ids), _read_ids(second_ids), 128 - consumed, sizes)
+    assert epochs == [list(range(128)), list(range(128))]
+    assert [r["epoch"] for r in val_records(out)] == [0, 0, 1] and val_records(out)[-1]["num_processes"] == sizes[1]
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(project, reference, tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIST_TRAIN_TEST_PAUSE_IN_SAVE": f"12:{marker}"}
+    proc = subprocess.Popen(cli_command(_args(project, out, *EXACT)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the run never reached the save of step 12"
+        assert (out / "checkpoints" / ".tmp-step_00000012" / "model.safetensors").exists()  # files written, no manifest
+    finally:
+        proc.kill()  # SIGKILL in the middle of the save
+        proc.wait()
+    assert not (out / "checkpoints" / "step_00000012").exists()
+    resumed = run_cli(_args(project, out, *EXACT))
+    assert "skips incomplete checkpoint" in resumed.stderr and ".tmp-step_00000012" in resumed.stderr
+    assert "step_00000009 at optimizer step 9" in resumed.stdout
+    _assert_bitwise_equal(out, reference[1])
+    assert not (out / "checkpoints" / ".tmp-step_00000012").exists()  # cleaned up by the next save
+
+
+def _plant_pickle(path: Path, marker: Path) -> None:
+    class Exploit:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').write('pwned')",)
+
+    torch.save({"epoch": Exploit()}, path)
+
+
+def test_planted_pickle_is_never_executed(reference, project, tmp_path):
+    source = sorted((reference[1] / "checkpoints").glob("step_*"))[-1]
+    marker = tmp_path / "pwned"
+    # 1. A modified file fails its hash before anything is loaded.
+    tampered = shutil.copytree(source, tmp_path / "tampered")
+    _plant_pickle(tampered / "optimizer.bin", marker)
+    error = _refused(_args(project, tmp_path / "a", *EXACT, f"resume={tampered}"))
+    assert "is not a usable checkpoint" in error and "optimizer.bin" in error
+    # 2. Even with a re-hashed manifest, the TrainState file (which Accelerate itself would unpickle
+    #    with weights_only=False) is read with weights_only=True and refused.
+    rehashed = shutil.copytree(source, tmp_path / "rehashed")
+    _plant_pickle(rehashed / "custom_checkpoint_0.pkl", marker)
+    info = {k: v for k, v in json.loads((rehashed / MANIFEST).read_text()).items() if k != "files"}
+    write_manifest(rehashed, info)
+    verify(rehashed)
+    error = _refused(_args(project, tmp_path / "b", *EXACT, f"resume={rehashed}"))
+    assert "refusing to unpickle" in error and "custom_checkpoint_0.pkl" in error
+    assert not marker.exists(), "the planted pickle was executed"
+
+
+def test_checkpoint_of_another_model_names_the_tensors(reference, project, tmp_path):
+    source = sorted((reference[1] / "checkpoints").glob("step_*"))[-1]
+    error = _refused(_args(project, tmp_path / "run", *EXACT, "model_args={hidden: 8}", f"resume={source}"))
+    assert "fc1.weight (checkpoint [32, 16], model [8, 16])" in error and "fc2.weight" in error
+
+
+def test_full_disk_is_a_clear_error_and_leaves_checkpoints_untouched(project, tmp_path):
+    out = tmp_path / "run"
+    run_cli(_args(project, out, "epochs=1", "batch_size=16"))
+    before = {p.name: verify(p)["files"] for p in (out / "checkpoints").glob("step_*")}
+    # RLIMIT_FSIZE makes every write past 8 kB fail (EFBIG) as a full disk would; optimizer.bin is ~10 kB.
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))  # noqa: E731
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cli_command(_args(project, out, "epochs=2", "batch_size=16")), env=env, capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "cannot write a checkpoint" in result.stderr and "existing checkpoints are untouched" in result.stderr
+    after = {p.name: verify(p)["files"] for p in (out / "checkpoints").glob("step_*")}
+    assert after == before and not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_lifecycle_keep_last_keep_best_auto_and_corrupt_checkpoints(project, tmp_path):
+    out = tmp_path / "run"
+    # monitor_mode: max keeps the *worst* val_loss (epoch 0's) as "best": an old checkpoint keep_last would prune.
+    args = _args(project, out, "batch_size=32", "keep_last=2", "keep_best=true", "monitor_mode=max")
+    first = run_cli([*args, "epochs=4"])  # resume: auto with no checkpoints starts fresh
+    assert "resumed" not in first.stdout
+    records = val_records(out)
+    best_step = max(records, key=lambda r: r["val_loss"])["step"]
+    kept = sorted(read_manifest(p)["step"] for p in (out / "checkpoints").glob("step_*"))
+    assert kept == sorted({best_step, 12, 16}) and best_step < 12
+    manifest = verify(out / "checkpoints" / "step_00000016")
+    assert manifest["epoch"] == 3 and manifest["world_size"] == 1 and manifest["versions"]["torch"] == torch.__version__
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl", "config.yaml"} <= manifest["files"].keys()
+    final = load_weights(out)
+
+    again = run_cli([*args, "epochs=4"])  # auto on a finished run: resumes at its last step, trains nothing
+    assert "at optimizer step 16" in again.stdout and "finished at optimizer step 16" in again.stdout
+    assert all(torch.equal(load_weights(out)[k], final[k]) for k in final)
+
+    newest = out / "checkpoints" / "step_00000016"
+    with open(newest / "optimizer.bin", "r+b") as f:
+        f.truncate(100)
+    (out / "checkpoints" / "step_00000099").mkdir()  # a folder without a manifest
+    explicit = _refused([*args, "epochs=5", f"resume={newest}"])
+    assert "is not a usable checkpoint" in explicit and "optimizer.bin has 100 bytes" in explicit and "truncated" in explicit
+    extended = run_cli([*args, "epochs=5"])
+    assert "skips corrupt checkpoint" in extended.stderr and "step_00000016" in extended.stderr and "step_00000099" in extended.stderr
+    assert "from " + str(out / "checkpoints" / "step_00000012") in extended.stdout
+    assert "resume: never" in _refused(seed_project_args(project, out, "epochs=5"))
+
+
+def test_fast_dev_run_writes_no_checkpoints(project, tmp_path):
+    run_cli(_args(project, tmp_path / "run", "fast_dev_run=2"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_export_and_load_model(reference, tmp_path):
+    from dist_train import load_model
+    from dist_train.cli import main
+
+    assert main(["export", str(reference[1]), "--out", str(tmp_path / "single")]) == 0
+    assert (tmp_path / "single" / "model.safetensors").exists()
+    model = load_model(tmp_path / "single")
+    want = load_weights(reference[1])
+    assert all(torch.equal(model.state_dict()[k], want[k]) for k in want)
+
+    checkpoint = reference[1] / "checkpoints" / "step_00000016"
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "sharded"), "--max-shard-size", "1KB"]) == 0
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    sharded = load_model(tmp_path / "sharded")
+    assert all(torch.equal(sharded.state_dict()[k], want[k]) for k in want)
+    assert load_file(str(tmp_path / "single" / "model.safetensors")).keys() == want.keys()
