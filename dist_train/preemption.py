@@ -1,0 +1,119 @@
+"""Preemption and time limits: turn a signal into a checkpoint, a requeue and a clean exit.
+
+SLURM (`#SBATCH --signal=B:USR1@300` + `--requeue`, see slurm/) warns the batch shell before the
+time limit; the shell forwards USR1 to the training processes. SIGTERM (scancel, node shutdown,
+preemption with PreemptMode=REQUEUE, the time limit itself) arrives without warning.
+
+The signal handler only sets a flag: a checkpoint written from inside a handler could interrupt a
+collective or an optimizer step half-way. The loop asks `requested()` at every optimizer-step
+boundary; ranks may have been signalled at slightly different moments (or only one of them was), so
+the flag is agreed by all ranks (one step late, see `requested`), and all of them leave together:
+
+    if preemption.requested():
+        checkpointer.save(); preemption.requeue(); return          # the process exits 0
+
+USR1 means "the job will be requeued": the main process runs `scontrol requeue` *after* the
+checkpoint is complete (the batch shell cannot know when that is). TERM means the job is going away
+(cancelled, or SLURM requeues it itself): save if there is time, do not requeue, so `scancel` stops.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import torch
+import torch.distributed as dist
+
+# Agreed flag values; the largest wins across ranks: a requeue request beats a plain stop.
+_NONE, _STOP, _REQUEUE = 0, 1, 2
+_SIGNAL_ACTION = {signal.SIGTERM: _STOP, signal.SIGUSR1: _REQUEUE}
+
+
+class Preemption:
+    """Signal flag of this process, agreed across ranks at step boundaries. All ranks call `requested`."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self._local = _NONE
+        self.action = _NONE
+        self.signal_name: str | None = None
+        self._previous = {}
+        self._work = self._buffer = None
+        self._group = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # All ranks build the Preemption at the same point, so new_group (itself collective) is safe.
+            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        if threading.current_thread() is threading.main_thread():  # signal.signal only works there
+            for sig in _SIGNAL_ACTION:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        # Only a flag: no I/O, no collectives, no allocation here (see the module docstring).
+        self._local = max(self._local, _SIGNAL_ACTION[signum])
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        """True on every rank, at the same call, once any rank was signalled. Called every optimizer step.
+
+        Each call starts an asynchronous all-reduce (MAX) of this rank's flag and reads the one the
+        previous call started: that one had a whole step to finish, so reading it does not wait, and
+        all ranks read the result of the same collective at the same call, so they agree, one step
+        after the signal. A blocking all-gather per step measured 0.4-0.8 ms on 2 gloo ranks on the
+        2-core test box; the asynchronous round costs as much there (no idle core to hide it in) but
+        hides its latency wherever a core is free. On GPUs the flag goes through a side gloo group
+        on the CPU, so it never synchronizes the device (that path is not tested on a GPU yet).
+        (Accelerate has no asynchronous or MAX reduction, hence torch.distributed directly.)
+        """
+        if self._group is None:  # one process: nothing to agree on
+            self.action = self._local
+            return self.action != _NONE
+        agreed = _NONE
+        if self._work is not None:
+            self._work.wait()
+            agreed = int(self._buffer.item())
+        self.action = agreed
+        if agreed != _NONE:
+            self._work = None  # no new round: every rank leaves now
+            return True
+        self._buffer = torch.tensor([self._local], dtype=torch.int32)
+        self._work = dist.all_reduce(self._buffer, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        return False
+
+    def requeue(self) -> None:
+        """`scontrol requeue` this job (array task aware) on the main process, if USR1 asked for it."""
+        acc = self.accelerator
+        job = slurm_job_id()
+        if acc.is_main_process:
+            if self.action != _REQUEUE:
+                print("dist_train: stopped by SIGTERM after saving a checkpoint; not requeueing", flush=True)
+            elif job is None:
+                print("dist_train: preempted: checkpoint saved; not under SLURM, so resubmit the same command to resume", flush=True)
+            else:
+                result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+                if result.returncode == 0:
+                    print(f"dist_train: checkpoint saved; requeued SLURM job {job} (it resumes with resume: auto)", flush=True)
+                else:
+                    print(f"dist_train: warning: `scontrol requeue {job}` failed ({result.stderr.strip()}); "
+                          "the checkpoint is saved, resubmit to resume", file=sys.stderr, flush=True)
+        acc.wait_for_everyone()
+
+    def close(self) -> None:
+        """Finish the round in flight and restore the previous handlers (tests call train() in-process)."""
+        if self._work is not None:
+            self._work.wait()  # every rank has exactly one round in flight here
+            self._work = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+
+def slurm_job_id() -> str | None:
+    """The id `scontrol requeue` needs: `ARRAYJOB_TASK` for an array task, else the job id."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID")

@@ -1,0 +1,233 @@
+"""Launching: the accelerate configs, `dist-train doctor`, signals, no hangs, and the shell scripts' lint.
+
+`launch_configs/cpu.yaml` launching a real 2-process training is proven by test_core.py
+(test_seed_layout_trains_through_the_cli[2] and the N ranks = 1 rank test run through it).
+The SLURM scripts run for real in test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO, cli_command, load_weights, read_metrics, run_cli, seed_project_args, write_seed_project
+
+LAUNCH_CONFIGS = sorted((REPO / "launch_configs").glob("*.yaml"))
+SHELL_SCRIPTS = sorted([*(REPO / "slurm").glob("*.sbatch"), REPO / "tests" / "run.sh", REPO / ".ci" / "run",
+                        *(REPO / "tests" / "slurm_sandbox").glob("*.sh")])
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    folder = write_seed_project(tmp_path_factory.mktemp("seed"), num_train=256, num_val=32)
+    (folder / "slow_model.py").write_text(textwrap.dedent('''
+        import time
+        from model import MyModel
+
+        class SlowModel(MyModel):
+            """The seed model with a fixed pause per forward, so a signal reliably lands mid-training."""
+
+            def __init__(self, delay_s=0.0, **kwargs):
+                super().__init__(**kwargs)
+                self.delay_s = delay_s
+
+            def forward(self, x):
+                time.sleep(self.delay_s)
+                return super().forward(x)
+    '''))
+    return folder
+
+
+def _slow_args(project: Path, out: Path, delay_s: float, *extra: str) -> list[str]:
+    return [*seed_project_args(project, out, "batch_size=8", "log_every=1", "optimizer=sgd", "lr=0.05", "momentum=0.9", "seed=2", *extra),
+            f"model={project / 'slow_model.py'}:SlowModel", f"model_args.delay_s={delay_s}"]
+
+
+def _children(pid: int) -> list[int]:
+    """The worker processes the launcher `pid` started (its direct children), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    for pid in _children(launcher.pid):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return pid
+    raise AssertionError(f"no process of rank {rank} under launcher {launcher.pid}")
+
+
+def _wait_for_training(out: Path, launcher: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Until the run has logged an optimizer step (its signal handlers are installed by then)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip():
+            return
+        assert launcher.poll() is None, launcher.communicate()
+        time.sleep(0.2)
+    raise AssertionError("training never logged a step")
+
+
+def _launch(args: list[str], nproc: int = 2) -> subprocess.Popen:
+    return subprocess.Popen(cli_command(args, nproc), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+# ---- launch configs ----------------------------------------------------------------------------
+@pytest.mark.parametrize("path", LAUNCH_CONFIGS, ids=lambda p: p.name)
+def test_launch_config_loads_with_accelerates_own_loader(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))  # rejects unknown keys itself
+    text = path.read_text()
+    assert text.startswith("#") and "When to use" in text and ("What to change" in text or "what to change" in text.lower())
+    assert config.num_processes >= 1 and config.compute_environment.value == "LOCAL_MACHINE"
+    if path.name == "fsdp.yaml":
+        assert config.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+        assert config.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "SIZE_BASED_WRAP" and config.mixed_precision == "bf16"
+    if path.name == "deepspeed_zero2.yaml":
+        assert config.deepspeed_config["zero_stage"] == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (FSDP and DDP configs launch with 1 GPU)")
+@pytest.mark.parametrize("name", ["single_gpu.yaml", "multi_gpu.yaml", "fsdp.yaml"])
+def test_gpu_launch_configs_train(project, tmp_path, name):
+    out = tmp_path / name
+    extra = ["mixed_precision=bf16"] if name == "fsdp.yaml" else []
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch_configs" / name),
+               "--num_processes", "1", "-m", "dist_train", "train", *seed_project_args(project, out, "epochs=1", *extra)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert [r for r in read_metrics(out) if "val_loss" in r][-1]["num_processes"] == 1
+
+
+# ---- doctor ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_doctor_prints_the_launch_and_passes(nproc):
+    result = run_cli(["--timeout_s", "30", "lr=0.01"], nproc=nproc, subcommand="doctor")
+    out = result.stdout
+    assert f"world size {nproc} on 1 node(s)" in out, out
+    assert ("backend gloo" in out) if nproc == 2 else ("single process" in out)
+    for rank in range(nproc):
+        assert re.search(rf"rank\s+{rank}\s+local rank\s+{rank}/{nproc}\s+node \S+\s+device cpu\s+config [0-9a-f]{{12}}", out), out
+    assert f"all_reduce across {nproc} ranks: ok" in out and "OK: the launch is consistent" in out
+
+
+def _start_rank(rank: int, port: int, overrides: list[str], extra_env: dict, timeout_s: float = 30) -> subprocess.Popen:
+    """One rank started by hand with the variables every launcher sets (torchrun, srun wrappers)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+           "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", **extra_env}
+    return subprocess.Popen([sys.executable, "-m", "dist_train", "doctor", "--timeout_s", str(timeout_s), *overrides],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_doctor_names_disagreeing_configs_and_a_node_count_mismatch():
+    """Rank 1 resolves another lr, and SLURM says 2 nodes while both ranks share one host."""
+    from helpers import _free_port
+
+    port = _free_port()
+    slurm = {"SLURM_NNODES": "2", "SLURM_JOB_ID": "77"}
+    ranks = [_start_rank(0, port, ["lr=0.1"], slurm), _start_rank(1, port, ["lr=0.2"], slurm)]
+    outputs = [p.communicate(timeout=120) for p in ranks]
+    assert [p.returncode for p in ranks] == [1, 1], outputs
+    stdout, stderr = outputs[0]
+    assert "ranks disagree on the resolved config: rank(s) [1]" in stderr, stderr
+    assert "processes != nodes x GPUs: the SLURM allocation has 2 nodes but the 2 ranks run on 1" in stderr, stderr
+    assert "SLURM_NNODES=2" in stdout and "all_reduce across 2 ranks: ok" in stdout
+
+
+def test_doctor_names_an_unreachable_main_address():
+    from helpers import _free_port
+
+    closed_port = _free_port()  # nothing listens there
+    rank1 = _start_rank(1, closed_port, [], {}, timeout_s=2)
+    unresolvable = _start_rank(1, closed_port, [], {"MASTER_ADDR": "no-such-host.invalid"}, timeout_s=2)
+    _, stderr = rank1.communicate(timeout=120)
+    assert rank1.returncode == 1
+    assert f"main address 127.0.0.1:{closed_port} (127.0.0.1) unreachable from" in stderr, stderr
+    _, stderr = unresolvable.communicate(timeout=120)
+    assert unresolvable.returncode == 1 and "main address 'no-such-host.invalid' does not resolve" in stderr, stderr
+
+
+# ---- signals and failures ----------------------------------------------------------------------
+def test_sigterm_to_one_rank_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(project, tmp_path):
+    """TERM reaches rank 1 only: both ranks agree at the next step, save, exit 0; the resumed run ≡ uninterrupted."""
+    args = lambda out: _slow_args(project, out, 0.05, "epochs=3", "resume=auto")  # noqa: E731
+    reference = _launch(args(tmp_path / "reference"))
+    interrupted = _launch(args(tmp_path / "run"))
+    _wait_for_training(tmp_path / "run", interrupted)
+    os.kill(_rank_pid(interrupted, 1), signal.SIGTERM)
+    output, _ = interrupted.communicate(timeout=120)
+    assert interrupted.returncode == 0, output[-4000:]
+    assert "stopped by SIGTERM after saving a checkpoint; not requeueing" in output
+    saved = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))
+    stopped_at = int(saved[-1].name.split("_")[1])
+    assert 0 < stopped_at < 48 and not (tmp_path / "run" / "model.safetensors").exists()
+
+    resumed = run_cli(args(tmp_path / "run"), nproc=2)
+    assert f"at optimizer step {stopped_at}" in resumed.stdout
+    output, _ = reference.communicate(timeout=120)
+    assert reference.returncode == 0, output[-4000:]
+    expected, got = load_weights(tmp_path / "reference"), load_weights(tmp_path / "run")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_a_killed_rank_ends_the_whole_job_naming_it(project, tmp_path):
+    """No hang: SIGKILL one of 2 ranks mid-training; the launcher stops the other and names rank 1."""
+    job = _launch(_slow_args(project, tmp_path / "run", 0.2, "epochs=50"))
+    _wait_for_training(tmp_path / "run", job)
+    os.kill(_rank_pid(job, 1), signal.SIGKILL)
+    try:
+        output, _ = job.communicate(timeout=60)  # the issue's bound; the launcher needs about a second
+    except subprocess.TimeoutExpired:
+        job.kill()
+        raise AssertionError("the job did not exit within 60 s of losing rank 1") from None
+    assert job.returncode != 0
+    root_cause = output[output.index("Root Cause"):]
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", root_cause) and "SIGKILL" in root_cause, output[-3000:]
+
+
+# ---- lint --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: str(p.relative_to(REPO)))
+def test_shell_script_passes_bash_n_and_shellcheck(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).returncode == 0
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck is not installed (tests/run.sh installs it with apt as root)")
+    result = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_requeue_targets_the_array_task_or_the_job(monkeypatch):
+    from dist_train.preemption import slurm_job_id
+
+    for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(key, raising=False)
+    assert slurm_job_id() is None
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    assert slurm_job_id() == "1234"
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "1200")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    assert slurm_job_id() == "1200_7"  # `scontrol requeue 1200_7`: this task, not the whole array
