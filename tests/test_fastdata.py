@@ -1,0 +1,103 @@
+"""The in-memory fast path (dist_train/fastdata.py) yields exactly the batches of the regular path."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, TensorDataset
+
+from dist_train.config import load_config
+from accelerate.data_loader import BatchSamplerShard
+from torch.utils.data import BatchSampler
+
+from dist_train.data import EpochSampler, _with_epoch_sampler, epoch_sampler
+from dist_train.fastdata import EpochBatchSampler, TensorBatches, can_use_fast_path
+from helpers import load_weights, run_cli, seed_project_args, write_seed_project
+
+
+class PerSampleDataset(TensorDataset):
+    """Same tensors, but a __getitem__ of its own: dist_train must take the regular path."""
+
+    def __getitem__(self, index):
+        return super().__getitem__(index)
+
+
+def _tensors(num_samples: int = 101):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(num_samples, 3, generator=g), torch.randint(0, 5, (num_samples,), generator=g)
+
+
+def test_fast_path_is_chosen_only_where_it_is_exact():
+    x, y = _tensors()
+    assert can_use_fast_path(DataLoader(TensorDataset(x, y), batch_size=8))
+    assert not can_use_fast_path(DataLoader(PerSampleDataset(x, y), batch_size=8))
+    assert not can_use_fast_path(DataLoader(TensorDataset(x, y), batch_size=8, collate_fn=lambda b: b))
+    assert not can_use_fast_path(DataLoader(TensorDataset(x, y), batch_size=8, num_workers=1))
+
+    class OptedIn(PerSampleDataset):
+        batched_indexing_is_exact = True
+
+    assert can_use_fast_path(DataLoader(OptedIn(x, y), batch_size=8))
+
+
+def test_same_batches_as_the_regular_path_across_epochs_and_a_mid_epoch_start(tmp_path):
+    x, y = _tensors()
+    cfg = load_config(None, seed=7, batch_size=8, output_dir=str(tmp_path))
+    fast = _with_epoch_sampler(DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True), cfg, 1)
+    regular = _with_epoch_sampler(DataLoader(PerSampleDataset(x, y), batch_size=8, shuffle=True), cfg, 1)
+    assert isinstance(fast.batch_sampler, EpochBatchSampler) and isinstance(fast.dataset, TensorBatches)
+    assert not isinstance(regular.dataset, TensorBatches)
+    accelerator = Accelerator(cpu=True)
+    fast, regular = accelerator.prepare(fast, regular)
+    for epoch, samples_consumed in [(0, 0), (1, 0), (1, 48), (2, 96)]:
+        for loader in (fast, regular):
+            epoch_sampler(loader).set_position(epoch, samples_consumed)
+        fast_batches, regular_batches = list(fast), list(regular)
+        assert len(fast_batches) == len(regular_batches) == len(fast) == (104 - samples_consumed) // 8  # padded to 104
+        for (fx, fy), (rx, ry) in zip(fast_batches, regular_batches):
+            assert torch.equal(fx, rx) and torch.equal(fy, ry) and fx.dtype == rx.dtype
+
+
+@pytest.mark.parametrize("samples_consumed", [0, 16, 12])  # 12: a resume from a run with another global batch
+def test_accelerate_shards_the_same_indices_to_each_rank(samples_consumed):
+    """Accelerate's BatchSamplerShard (2 ranks, even_batches) over both samplers: the same batches per rank."""
+    world_size, batch_size = 2, 4
+    sampler = EpochSampler(37, seed=3, shuffle=True, global_batch_size=world_size * batch_size)
+    sampler.set_position(1, samples_consumed)
+    for rank in range(world_size):
+        fast = BatchSamplerShard(EpochBatchSampler(sampler, batch_size), world_size, rank, even_batches=True)
+        regular = BatchSamplerShard(BatchSampler(sampler, batch_size, drop_last=False), world_size, rank, even_batches=True)
+        fast_batches = [b.tolist() if isinstance(b, torch.Tensor) else [int(i) for i in b] for b in fast]
+        assert fast_batches == list(regular) and len(fast_batches) == len(fast) > 0
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    folder = write_seed_project(tmp_path_factory.mktemp("seed"), num_train=200, num_val=37)
+    # The same data as the seed project's per-sample Dataset, handed over as a TensorDataset.
+    (folder / "tensor_loader.py").write_text(textwrap.dedent('''
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+
+        def get_dataloader(cfg, train):
+            data = torch.load(cfg.data_path, weights_only=True)
+            split = "train" if train else "val"
+            dataset = TensorDataset(data[split + "_x"], data[split + "_y"])
+            return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train)
+    '''))
+    return folder
+
+
+def test_two_ranks_train_bitwise_alike_on_both_paths(project, tmp_path):
+    """Real gloo ranks: Accelerate deals the fast path's batches exactly as the regular path's."""
+    common = ("epochs=2", "batch_size=8", "optimizer=sgd", "lr=0.1", "momentum=0.9", "seed=4")
+    run_cli(seed_project_args(project, tmp_path / "regular", *common), nproc=2)
+    fast_args = [a for a in seed_project_args(project, tmp_path / "fast", *common) if not a.startswith("data=")]
+    run_cli([*fast_args, f"data={project / 'tensor_loader.py'}:get_dataloader"], nproc=2)
+    regular, fast = load_weights(tmp_path / "regular"), load_weights(tmp_path / "fast")
+    assert regular.keys() == fast.keys()
+    for key in regular:
+        assert torch.equal(fast[key], regular[key]), key
