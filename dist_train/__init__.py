@@ -3,7 +3,7 @@
 from .config import Config, load_config
 from .errors import UserError
 
-__all__ = ["Config", "load_config", "train", "UserError"]
+__all__ = ["Config", "load_config", "load_model", "train", "UserError"]
 __version__ = "0.1.0"
 
 
@@ -12,3 +12,10 @@ def train(cfg: Config) -> dict:
     from .loop import train as _train  # torch/accelerate load on first use, not at import
 
     return _train(cfg)
+
+
+def load_model(directory):
+    """The model exported by `dist-train export` to `directory`, with its weights, in eval mode."""
+    from .export import load_model as _load_model
+
+    return _load_model(directory)

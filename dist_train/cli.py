@@ -1,6 +1,9 @@
 """`dist-train` / `python -m dist_train`: the command line.
 
     dist-train train [--config run.yaml] [key=value ...]   train (no config: the built-in digits task)
+    dist-train plot RUN_DIR                                 RUN_DIR/curves.png from RUN_DIR/metrics.jsonl
+    dist-train export RUN_DIR_OR_CHECKPOINT --out DIR       model.safetensors + dist_train_model.json for load_model
+    dist-train doctor [--config run.yaml] [key=value ...]  check a launch (run it under the same launcher as train)
 
 A user mistake (a `UserError`) prints one line naming the culprit and the fix, and exits with 2.
 """
@@ -26,7 +29,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", help="YAML file of config keys")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override a config key; values are YAML scalars (lr=3e-4 cpu=true)")
+    plot = commands.add_parser("plot", help="plot a run's curves", description="Write RUN_DIR/curves.png: train/val loss and lr against optimizer step (needs matplotlib).")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (it holds metrics.jsonl)")
+    export = commands.add_parser("export", help="export weights for inference", description="Write a checkpoint's weights (model.safetensors, sharded when large) and the model's import string and model_args to DIR; load with dist_train.load_model(DIR).")
+    export.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="a run's output_dir (its newest complete checkpoint) or a checkpoint directory")
+    export.add_argument("--out", required=True, metavar="DIR", help="where to write the export")
+    export.add_argument("--max-shard-size", default="5GB", help="split the weights into shards of at most this size (default 5GB)")
+    doctor = commands.add_parser("doctor", help="check a launch before training", description="Print the resolved launch (ranks, nodes, devices, backend, SLURM variables), run an all_reduce smoke test and exit non-zero naming any problem. Launch it exactly like `train`.")
+    doctor.add_argument("--config", help="YAML file of config keys (the one the training will use)")
+    doctor.add_argument("--timeout_s", type=float, default=30.0, help="seconds the process group and the smoke test may take (default 30)")
+    doctor.add_argument("overrides", nargs="*", metavar="key=value", help="the training's overrides")
     return parser
+
+
+def _doctor(args) -> int:
+    from .config import load_config
+    from .doctor import run_doctor
+
+    return run_doctor(load_config(args.config, args.overrides), args.timeout_s)
 
 
 def _train(args) -> int:
@@ -38,7 +58,21 @@ def _train(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train}
+def _plot(args) -> int:
+    from .plot import plot_run
+
+    print(plot_run(args.run_dir))
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export, parse_size
+
+    print(f"dist_train: exported to {export(args.source, args.out, parse_size(args.max_shard_size))}")
+    return 0
+
+
+COMMANDS = {"train": _train, "plot": _plot, "export": _export, "doctor": _doctor}
 
 
 def main(argv: list[str] | None = None) -> int:

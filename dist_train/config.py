@@ -83,12 +83,12 @@ class Config:
 
     # --- debugging -----------------------------------------------------------------------------
     fast_dev_run: int = _opt(0, "Run N train and N val batches through the whole loop once, no checkpoints (0: off).", minimum=0)
-    overfit_batches: int = _opt(0, "Train and validate on the same first N batches (0: off).", minimum=0)
+    overfit_batches: int = _opt(0, "Train and validate on the same first N global batches of the training set, in order (0: off).", minimum=0)
     detect_anomaly: bool = _opt(False, "Turn on autograd anomaly detection (slow).")
     on_nonfinite: str = _opt("stop", "On a NaN/inf training loss: stop with an error, or skip the update.", choices=("stop", "skip"))
     compile: bool = _opt(False, "torch.compile the model through Accelerate's dynamo settings.")
     profile_steps: Optional[list] = _opt(None, "`[start, end]`: write a torch.profiler trace of these optimizer steps to output_dir/profile/.")
-    auto_batch_size: bool = _opt(False, "On out-of-memory, halve `batch_size` and retry (agreed across ranks).")
+    auto_batch_size: bool = _opt(False, "Probe one training step first; on out-of-memory on any rank, all halve `batch_size` and retry.")
 
     def data_view(self) -> types.SimpleNamespace:
         """The `cfg` given to the user's `get_dataloader`: every config key plus every `data_args` key."""
@@ -102,6 +102,9 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+VALIDATION_METRICS = ("val_loss", "val_accuracy", "train_loss")
+"""What a validation record can hold for `monitor` (val_accuracy: classification only, checked at the first validation)."""
 
 
 def describe_keys() -> str:
@@ -162,6 +165,10 @@ def _check_combinations(cfg: Config) -> None:
             raise UserError(f"log_with entry {tracker!r} is not a tracker; expected any of {', '.join(known_trackers)}.")
     if cfg.momentum and cfg.optimizer != "sgd":
         raise UserError(f"momentum={cfg.momentum} only applies to optimizer: sgd (got optimizer: {cfg.optimizer}).")
+    if cfg.monitor not in VALIDATION_METRICS:
+        raise UserError(f"monitor: {cfg.monitor!r} is never logged by validation; choose one of: {', '.join(VALIDATION_METRICS)}.")
+    if cfg.monitor == "val_accuracy" and cfg.loss == "mse":
+        raise UserError("monitor: 'val_accuracy' is never logged with loss: mse (not a classification); monitor val_loss.")
     if cfg.fast_dev_run and cfg.overfit_batches:
         raise UserError("fast_dev_run and overfit_batches are both set; use one debug mode at a time.")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():

@@ -15,10 +15,11 @@ import warnings
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, Subset
 
 from .config import Config
 from .errors import UserError
+from .fastdata import EpochBatchSampler, TensorBatches, already_batched, can_use_fast_path, dataset_tensors
 from .plugins import resolve
 
 
@@ -51,12 +52,16 @@ class EpochSampler(Sampler[int]):
         padded = math.ceil(self.num_samples / self.global_batch_size) * self.global_batch_size
         return max(padded - self.start, 0)
 
-    def __iter__(self) -> Iterator[int]:
+    def indices(self) -> torch.Tensor:
+        """This iteration's sample indices, as one tensor (the fast data path cuts batches from it)."""
         order = self.order()
         padded_length = self.start + len(self)
         if padded_length > self.num_samples:
             order = torch.cat([order, order[: padded_length - self.num_samples]])
-        return iter(order[self.start : padded_length].tolist())
+        return order[self.start : padded_length]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices().tolist())
 
 
 def _user_loaders(cfg: Config):
@@ -97,13 +102,20 @@ def _with_epoch_sampler(loader: DataLoader, cfg: Config, world_size: int) -> Dat
         return loader
     shuffle = isinstance(loader.sampler, RandomSampler)
     sampler = EpochSampler(len(loader.dataset), cfg.seed, shuffle, loader.batch_size * world_size)
+    # On a GPU, pinned batches let Accelerate copy them to the device without blocking (non_blocking=True).
+    pin_memory = loader.pin_memory or (torch.cuda.is_available() and not cfg.cpu)
+    if can_use_fast_path(loader):
+        # Tensors in memory: one index_select per tensor per batch, same order (see fastdata.py).
+        batch_sampler = EpochBatchSampler(sampler, loader.batch_size, loader.drop_last)
+        dataset = TensorBatches(dataset_tensors(loader.dataset), pin_memory=pin_memory)  # gathers into pinned memory itself
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=already_batched)
     return DataLoader(
         loader.dataset,
         batch_size=loader.batch_size,
         sampler=sampler,
         num_workers=loader.num_workers,
         collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
+        pin_memory=pin_memory,
         drop_last=loader.drop_last,
         timeout=loader.timeout,
         worker_init_fn=loader.worker_init_fn,
@@ -112,12 +124,30 @@ def _with_epoch_sampler(loader: DataLoader, cfg: Config, world_size: int) -> Dat
     )
 
 
+def _overfit_loaders(loader: DataLoader, cfg: Config, world_size: int) -> tuple[DataLoader, DataLoader]:
+    """`overfit_batches: N`: train and validate on the first N global batches of the training set, in order.
+
+    N global batches (N x batch_size x processes samples) keep the set the same for every world size.
+    """
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
+        raise UserError("overfit_batches needs a map-style training Dataset with a batch_size; this loader has neither.")
+    count = min(cfg.overfit_batches * loader.batch_size * world_size, len(loader.dataset))
+    subset = Subset(loader.dataset, range(count))
+    train, val = (
+        DataLoader(subset, batch_size=loader.batch_size, shuffle=False, collate_fn=loader.collate_fn, num_workers=loader.num_workers)
+        for _ in range(2)
+    )
+    return train, val
+
+
 def build_loaders(cfg: Config, world_size: int) -> tuple[DataLoader, DataLoader]:
     """The training and validation DataLoaders, before `accelerator.prepare`."""
     train_obj, val_obj = _user_loaders(cfg)
     train_loader, val_loader = _as_loader(train_obj, cfg, True), _as_loader(val_obj, cfg, False)
     _check_not_empty(train_loader, cfg, True)
     _check_not_empty(val_loader, cfg, False)
+    if cfg.overfit_batches:
+        train_loader, val_loader = _overfit_loaders(train_loader, cfg, world_size)
     return _with_epoch_sampler(train_loader, cfg, world_size), val_loader
 
 

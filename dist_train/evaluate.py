@@ -6,7 +6,7 @@ import torch
 from accelerate import Accelerator
 
 from .data import split_batch
-from .plugins import Loss
+from .plugins import Loss, logits_of
 
 
 def _is_classification(loss: Loss, outputs, targets) -> bool:
@@ -42,7 +42,7 @@ def evaluate(model, loader, loss: Loss, accelerator: Accelerator, data_spec: str
         per_sample = loss.per_sample(outputs, targets)
         if classification is None:
             classification = _is_classification(loss, outputs, targets)
-        correct = (outputs.argmax(dim=-1) == targets).float().reshape(-1) if classification else per_sample
+        correct = (logits_of(outputs).argmax(dim=-1) == targets).float().reshape(-1) if classification else per_sample
         per_sample, correct = accelerator.gather_for_metrics((per_sample, correct))
         loss_sum += per_sample.double().sum()
         hits += correct.double().sum()

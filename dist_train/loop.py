@@ -24,12 +24,18 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
+from .batch_size import fit_batch_size
+from .checkpoint import Checkpointer
 from .config import Config
 from .data import build_loaders, epoch_sampler, split_batch
 from .errors import UserError
 from .evaluate import evaluate
+from .lean import PLAIN_BACKENDS, LeanOptimizer, can_fuse
 from .metrics import MetricsLogger
+from .plot import plot_if_available
 from .plugins import Loss, build_model, build_optimizer
+from .preemption import Preemption
+from .profiling import StepProfiler
 from .schedule import build_scheduler
 from .state import TrainState
 from .stopping import EarlyStopping
@@ -46,7 +52,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
         gradient_accumulation_steps=cfg.grad_accum_steps,
         # One scheduler step per optimizer step, whatever the world size: our schedules count optimizer steps.
         step_scheduler_with_optimizer=False,
-        dataloader_config=DataLoaderConfiguration(even_batches=True),
+        # non_blocking: host-to-GPU copies of the (pinned, see data.py) batches overlap with compute.
+        dataloader_config=DataLoaderConfiguration(even_batches=True, non_blocking=cuda),
         dynamo_backend="inductor" if cfg.compile else None,
         log_with=[t for t in cfg.log_with] or None,
         project_dir=cfg.output_dir,
@@ -77,15 +84,39 @@ def _prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
     return out
 
 
+def _build(cfg: Config, accelerator: Accelerator) -> tuple:
+    """Model, optimizer and loaders at `cfg.batch_size`, prepared (again on each auto_batch_size attempt)."""
+    set_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.model_args)
+    fused = can_fuse(model, cfg.mixed_precision, accelerator.distributed_type)  # torch's fused optimizer where it is exact
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum, fused=fused)
+    train_loader, val_loader = build_loaders(cfg, accelerator.num_processes)
+    return accelerator.prepare(model, optimizer, train_loader, val_loader)
+
+
 def _total_steps(cfg: Config, steps_per_epoch: int) -> int:
     if cfg.fast_dev_run:
-        return math.ceil(cfg.fast_dev_run / cfg.grad_accum_steps)
-    return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+        total = math.ceil(cfg.fast_dev_run / cfg.grad_accum_steps)
+    else:
+        total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+    if cfg.warmup_steps > total and not cfg.fast_dev_run:  # a smoke test of the real config stays valid
+        raise UserError(f"warmup_steps ({cfg.warmup_steps}) is larger than the run's {total} optimizer steps; lower warmup_steps.")
+    return total
 
 
-def _grad_norm(accelerator: Accelerator, model, max_grad_norm: float | None) -> torch.Tensor:
+def _epoch_limit(cfg: Config) -> float:
+    """Epochs to run: `max_steps` and `fast_dev_run` count steps instead, across as many epochs as they need."""
+    return math.inf if cfg.max_steps is not None or cfg.fast_dev_run else cfg.epochs
+
+
+def _grad_norm(accelerator: Accelerator, parameters: list, max_grad_norm: float | None) -> torch.Tensor:
     """The global gradient norm, clipped to `max_grad_norm` when set (Accelerate unscales fp16 first)."""
-    return accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm is not None else math.inf)
+    if max_grad_norm is not None or accelerator.distributed_type not in PLAIN_BACKENDS:
+        # (FSDP shards the gradients and DeepSpeed owns them: only Accelerate knows their global norm.)
+        return accelerator.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm is not None else math.inf)
+    # Nothing to clip: only the norm (clipping to inf would still multiply every gradient by 1).
+    accelerator.unscale_gradients()
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
 
 
 def _nonfinite_error(accelerator: Accelerator, step_loss: torch.Tensor, state: TrainState, batch_index: int, cfg: Config) -> UserError:
@@ -104,20 +135,22 @@ def train(cfg: Config) -> dict:
     """Run the configured training; return the last validation record."""
     accelerator = make_accelerator(cfg)
     out = _prepare_output_dir(cfg, accelerator)
-    set_seed(cfg.seed)
 
-    model = build_model(cfg.model, cfg.model_args)
     loss_fn = Loss(cfg.loss)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum)
-    train_loader, val_loader = build_loaders(cfg, accelerator.num_processes)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    # With auto_batch_size, cfg comes back with the batch size that fits on every rank (saved to config.yaml).
+    cfg, (model, optimizer, train_loader, val_loader) = fit_batch_size(cfg, accelerator, lambda c: _build(c, accelerator), loss_fn)
     sampler = epoch_sampler(train_loader)
 
     steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
     total_steps = _total_steps(cfg, steps_per_epoch)
-    scheduler = accelerator.prepare(build_scheduler(cfg, optimizer, total_steps))
+    optimizer = LeanOptimizer(optimizer)  # Accelerate's step/zero_grad semantics without its per-step overhead
+    parameters = [p for p in model.parameters() if p.requires_grad]  # listed once, not per step
+    scheduler = accelerator.prepare(build_scheduler(cfg, optimizer.stepped, total_steps))
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    checkpointer = Checkpointer(cfg, accelerator, state)
+    checkpointer.resume()  # before anything reads `state` (progress bar, profiler, the stop test)
+    preemption = Preemption(accelerator)  # SIGUSR1/SIGTERM only set a flag; acted on between steps
 
     metrics = MetricsLogger(cfg, accelerator)
     early_stopping = EarlyStopping(cfg)
@@ -128,10 +161,12 @@ def train(cfg: Config) -> dict:
         disable=not (accelerator.is_main_process and cfg.progress and os.isatty(1)),
     )
     anomaly = torch.autograd.detect_anomaly() if cfg.detect_anomaly else contextlib.nullcontext()
+    profiler = StepProfiler(cfg.profile_steps, out, accelerator.process_index, accelerator.device)
     last_eval: dict = {}
 
-    with anomaly:
-        stop = state.epoch >= cfg.epochs or state.optimizer_step >= total_steps
+    with anomaly, profiler:
+        profiler.start_at(state.optimizer_step)
+        stop = state.epoch >= _epoch_limit(cfg) or state.optimizer_step >= total_steps or early_stopping.should_stop(state)
         while not stop:
             model.train()
             if sampler is not None:
@@ -147,9 +182,11 @@ def train(cfg: Config) -> dict:
                     step_loss += loss.detach()
                     state.samples_consumed += global_batch_size
                     if accelerator.sync_gradients:
-                        grad_norm = _grad_norm(accelerator, model, cfg.max_grad_norm)
-                        # One host sync per optimizer step: the norm is identical on every rank after
-                        # DDP's all-reduce, so all ranks take the same branch without another collective.
+                        grad_norm = _grad_norm(accelerator, parameters, cfg.max_grad_norm)
+                        # One host read per optimizer step, kept on purpose: the update must be dropped (skip)
+                        # or the run stopped (stop) before optimizer.step() applies it. On CPU it is no sync
+                        # at all; on a GPU it costs one launch latency per step (bench/RESULTS.md). The norm
+                        # is identical on every rank after DDP's all-reduce: all ranks take the same branch.
                         finite = cfg.mixed_precision == "fp16" or bool(torch.isfinite(grad_norm))
                         if not finite and cfg.on_nonfinite == "stop":
                             raise _nonfinite_error(accelerator, step_loss, state, batch_index, cfg)
@@ -163,6 +200,7 @@ def train(cfg: Config) -> dict:
 
                 # ---- an optimizer step has completed ----
                 step_loss.zero_()
+                lr = scheduler.get_last_lr()[0]  # the rate this step used; scheduler.step() sets the next one
                 if not finite:
                     state.nonfinite_skipped += 1
                 elif accelerator.optimizer_step_was_skipped:
@@ -170,14 +208,20 @@ def train(cfg: Config) -> dict:
                 else:
                     scheduler.step()
                 state.optimizer_step += 1
+                profiler.step(state.optimizer_step)
                 progress.update(1)
-                record = metrics.log_step(state, scheduler.get_last_lr()[0], grad_norm)
+                record = metrics.log_step(state, lr, grad_norm)
                 if record is not None:
                     progress.set_postfix(loss=f"{record['train_loss']:.4g}", lr=f"{record['lr']:.3g}", samples_s=f"{record['samples_per_s']:.0f}")
                 stop = state.optimizer_step >= total_steps
                 if cfg.eval_every and state.optimizer_step % cfg.eval_every == 0:
                     last_eval, stop_early = _validate(model, val_loader, loss_fn, accelerator, cfg, state, metrics, early_stopping, max_batches)
                     stop = stop or stop_early
+                checkpointer.save_if_due(epoch_end=False, record=last_eval)
+                # An epoch's last step is left to the epoch-end check, so a resume never starts in an empty remainder.
+                if not stop and not accelerator.gradient_state.end_of_dataloader and preemption.requested():
+                    train_loader.end()
+                    return _leave_for_requeue(accelerator, checkpointer, preemption, progress, metrics)
                 if stop:
                     train_loader.end()  # leaving mid-epoch: tell Accelerate's gradient state this loader is done
                     break
@@ -189,19 +233,36 @@ def train(cfg: Config) -> dict:
             if epoch_finished:
                 # The next epoch starts at the beginning of its own order.
                 state.epoch, state.samples_consumed = state.epoch + 1, 0
-            stop = stop or state.epoch >= cfg.epochs
+            stop = stop or state.epoch >= _epoch_limit(cfg)
+            checkpointer.save_if_due(epoch_end=True, record=last_eval)
+            if not stop and preemption.requested():
+                return _leave_for_requeue(accelerator, checkpointer, preemption, progress, metrics)
 
     progress.close()
     metrics.close()
     if not cfg.fast_dev_run:
-        accelerator.save_model(model, out, safe_serialization=True)
+        # compile: true wraps the prepared model once more; its keys would gain an `_orig_mod.` prefix.
+        accelerator.save_model(getattr(model, "_orig_mod", model), out, safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        plot_if_available(out)  # curves.png, when matplotlib is installed
         summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items())
         print(f"dist_train: finished at optimizer step {state.optimizer_step}: {summary}")
         print(f"dist_train: outputs in {out.resolve()} (config.yaml, metrics.jsonl, model.safetensors)")
+    preemption.close()
     accelerator.end_training()
     return last_eval
+
+
+def _leave_for_requeue(accelerator, checkpointer, preemption, progress, metrics) -> dict:
+    """Preempted (all ranks agree): checkpoint now, requeue under SLURM, and end the run with exit 0."""
+    path = checkpointer.save()
+    preemption.requeue()
+    progress.close()
+    metrics.close()
+    preemption.close()
+    accelerator.end_training()
+    return {"preempted": preemption.signal_name or "another rank", "checkpoint": str(path)}
 
 
 def _validate(model, val_loader, loss_fn, accelerator, cfg, state, metrics, early_stopping, max_batches) -> tuple[dict, bool]:

@@ -122,8 +122,9 @@ class MetricsLogger:
             self._file.flush()
 
     def close(self) -> None:
-        if self.cfg.log_with:
-            self.accelerator.end_training()
+        # Only the trackers: `accelerator.end_training()` would also destroy the process group the loop still uses.
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
         if self._file is not None:
             self._file.close()
             self._file = None

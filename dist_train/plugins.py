@@ -80,6 +80,23 @@ def _cross_entropy_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> t
 BUILTIN_LOSSES = {"cross_entropy": _cross_entropy_per_sample, "mse": _mse_per_sample}
 
 
+def logits_of(outputs) -> torch.Tensor:
+    """The tensor built-in losses and accuracy use: the model's output itself when it is a tensor, its
+    `logits` when it is an output object (transformers' `ModelOutput`, or any dict / object with a
+    `logits` tensor), or the first element of a tuple."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    logits = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    raise UserError(
+        f"loss: the model returned a {type(outputs).__name__}; built-in losses need a tensor, an object with a "
+        "`logits` tensor, or a tuple starting with one. Return logits, or set loss to your own function."
+    )
+
+
 class Loss:
     """The training loss (a scalar mean over the batch) and the validation loss (one value per sample).
 
@@ -91,7 +108,9 @@ class Loss:
     def __init__(self, spec: str):
         self.spec = spec
         self.is_classification = spec == "cross_entropy"
-        self._fn = BUILTIN_LOSSES.get(spec) or resolve(spec, "loss")
+        builtin = BUILTIN_LOSSES.get(spec)
+        # Built-in losses take the logits out of an output object; a user loss gets the outputs as returned.
+        self._fn = (lambda outputs, targets: builtin(logits_of(outputs), targets)) if builtin else resolve(spec, "loss")
 
     def __call__(self, outputs, targets) -> torch.Tensor:
         value = self._fn(outputs, targets)
@@ -103,8 +122,10 @@ class Loss:
         return value.float().reshape(-1) if value.ndim else value.float().expand(batch)
 
 
-def build_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+def build_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float, fused: bool = False) -> torch.optim.Optimizer:
+    """`fused`: torch's one-kernel-per-parameter implementation (CPU and CUDA). On CPU torch's default
+    is the per-tensor loop, ~12x slower for AdamW on a 1M-parameter matrix (bench/RESULTS.md)."""
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum, fused=fused or None)
     optimizer_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
-    return optimizer_cls(params, lr=lr, weight_decay=weight_decay)
+    return optimizer_cls(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
