@@ -68,6 +68,7 @@ def main() -> None:
     if rank == 0:
         print(json.dumps({"workload": workload, "numel": numel, "solo_step_ms": solo, "concurrent_step_ms": concurrent,
                           "allreduce_ms": allreduce, "small_allgather_ms": allgather}))
+    dist.barrier()  # both ranks finish their collectives before either tears the group down
     dist.destroy_process_group()
 
 
