@@ -98,9 +98,13 @@ class Checkpointer:
             try:
                 write_manifest(tmp, self._describe(record))
                 self._publish(tmp, final)
-                self._prune(keep=final)
             except OSError as exc:
                 error = self._write_error(exc)
+            else:
+                try:
+                    self._prune(keep=final)
+                except OSError as exc:  # the new checkpoint is complete: a failed clean-up costs only disk space
+                    _warn(f"checkpoint {final.name} is saved, but pruning older ones failed ({exc}); remove them by hand.")
         self._agree(error, tmp)
         self._last_saved = (step, self.state.state_dict())
         return final
@@ -138,9 +142,15 @@ class Checkpointer:
         shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self, keep: Path) -> None:
-        """Remove leftovers of interrupted saves, then all but the newest `keep_last` (and the best)."""
-        for leftover in self.root.glob(".tmp-step_*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+        """Remove leftovers of interrupted saves, then all but the newest `keep_last` (and the best).
+
+        Runs only once `keep`, the newest checkpoint, is complete, so every leftover is older than it.
+        A checkpoint is renamed out of `step_*` before it is deleted: a kill mid-delete never leaves a
+        half-deleted folder that still looks like a checkpoint."""
+        for pattern in (".tmp-step_*", ".old-step_*", ".del-step_*"):
+            for leftover in self.root.glob(pattern):
+                if leftover != keep:
+                    shutil.rmtree(leftover, ignore_errors=True)
         if self.cfg.keep_last is None:
             return
         complete = self._complete()
@@ -149,7 +159,9 @@ class Checkpointer:
             kept.add(best)
         for _, path, _ in complete:
             if path not in kept:
-                shutil.rmtree(path)
+                doomed = path.with_name(".del-" + path.name)
+                os.rename(path, doomed)
+                shutil.rmtree(doomed)
 
     def _best(self, complete: list) -> Path | None:
         sign = 1.0 if self.cfg.monitor_mode == "min" else -1.0
@@ -197,7 +209,8 @@ class Checkpointer:
     def _save_unwrapped_weights(self, models, weights, output_dir) -> None:
         # Accelerate saves the DDP-wrapped state dict ("module." keys), which a 1-process run cannot load.
         for i in range(len(weights)):
-            weights[i] = self.accelerator.unwrap_model(models[i]).state_dict()
+            # keep_torch_compile=False: under `compile: true` the keys would gain an `_orig_mod.` prefix.
+            weights[i] = self.accelerator.unwrap_model(models[i], keep_torch_compile=False).state_dict()
 
     # ---- resuming ------------------------------------------------------------------------------
     def resume(self) -> None:
@@ -238,7 +251,7 @@ class Checkpointer:
                 return None, None, f"resume: {mode!r} is not a usable checkpoint: {exc}."
         candidates = []
         for path in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            if not path.is_dir():
+            if not path.is_dir() or path.name.startswith(".del-"):  # being pruned: never a candidate
                 continue
             try:
                 candidates.append((int(read_manifest(path)["step"]), path))

@@ -11,6 +11,7 @@ A user mistake (a `UserError`) prints one line naming the culprit and the fix, a
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from .config import describe_keys
@@ -55,6 +56,9 @@ def _train(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     train(cfg)
+    # Free what the run left behind (tensors, gloo work handles) while the interpreter is fully alive:
+    # freed during its shutdown instead, gloo's C++ threads can abort a finished run's exit.
+    gc.collect()
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -145,6 +146,8 @@ def _check_value(name: str, value: Any) -> Any:
         raise UserError(f"Config key {name!r} has value {value!r} of type {type(value).__name__}; expected {base.__name__}.")
     if f.metadata["choices"] and value not in f.metadata["choices"]:
         raise UserError(f"Config key {name!r} has value {value!r}; expected one of {', '.join(f.metadata['choices'])}.")
+    if base is float and not math.isfinite(value):
+        raise UserError(f"Config key {name!r} has value {value!r}; expected a finite number.")
     minimum = f.metadata["minimum"]
     if minimum is not None and value < minimum:
         raise UserError(f"Config key {name!r} has value {value!r}; expected a number >= {minimum:g}.")

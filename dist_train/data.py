@@ -37,10 +37,15 @@ class EpochSampler(Sampler[int]):
         self.global_batch_size = global_batch_size
         self.epoch = 0
         self.start = 0
+        # The loader's own generator: a DataLoader without one draws its workers' base seed from the
+        # global torch RNG at every `iter()`, so a resumed run (one more `iter()` mid-epoch) would drift
+        # from an uninterrupted one in everything else that draws from it (dropout, augmentation).
+        self.loader_generator = torch.Generator()
 
     def set_position(self, epoch: int, samples_consumed: int) -> None:
         """Start the next iteration at `samples_consumed` into epoch `epoch`'s order."""
         self.epoch, self.start = epoch, samples_consumed
+        self.loader_generator.manual_seed((self.seed * 1_000_003 + epoch) ^ 0x5EED_5EED)  # worker seeds: per epoch
 
     def order(self) -> torch.Tensor:
         if not self.shuffle:
@@ -108,7 +113,7 @@ def _with_epoch_sampler(loader: DataLoader, cfg: Config, world_size: int) -> Dat
         # Tensors in memory: one index_select per tensor per batch, same order (see fastdata.py).
         batch_sampler = EpochBatchSampler(sampler, loader.batch_size, loader.drop_last)
         dataset = TensorBatches(dataset_tensors(loader.dataset), pin_memory=pin_memory)  # gathers into pinned memory itself
-        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=already_batched)
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=already_batched, generator=sampler.loader_generator)
     return DataLoader(
         loader.dataset,
         batch_size=loader.batch_size,
@@ -121,6 +126,7 @@ def _with_epoch_sampler(loader: DataLoader, cfg: Config, world_size: int) -> Dat
         worker_init_fn=loader.worker_init_fn,
         persistent_workers=loader.persistent_workers,
         prefetch_factor=loader.prefetch_factor,
+        generator=sampler.loader_generator,
     )
 
 

@@ -42,7 +42,8 @@ def evaluate(model, loader, loss: Loss, accelerator: Accelerator, data_spec: str
         per_sample = loss.per_sample(outputs, targets)
         if classification is None:
             classification = _is_classification(loss, outputs, targets)
-        correct = (logits_of(outputs).argmax(dim=-1) == targets).float().reshape(-1) if classification else per_sample
+        # Per sample, like the loss: the fraction of its predictions (one, or one per token) that are right.
+        correct = (logits_of(outputs).argmax(dim=-1) == targets).float().reshape(len(per_sample), -1).mean(dim=1) if classification else per_sample
         per_sample, correct = accelerator.gather_for_metrics((per_sample, correct))
         loss_sum += per_sample.double().sum()
         hits += correct.double().sum()

@@ -152,7 +152,7 @@ def train(cfg: Config) -> dict:
     checkpointer.resume()  # before anything reads `state` (progress bar, profiler, the stop test)
     preemption = Preemption(accelerator)  # SIGUSR1/SIGTERM only set a flag; acted on between steps
 
-    metrics = MetricsLogger(cfg, accelerator)
+    metrics = MetricsLogger(cfg, accelerator, resumed_step=state.optimizer_step)
     early_stopping = EarlyStopping(cfg)
     global_batch_size = cfg.batch_size * accelerator.num_processes
     max_batches = cfg.fast_dev_run or None
@@ -217,7 +217,8 @@ def train(cfg: Config) -> dict:
                 if cfg.eval_every and state.optimizer_step % cfg.eval_every == 0:
                     last_eval, stop_early = _validate(model, val_loader, loss_fn, accelerator, cfg, state, metrics, early_stopping, max_batches)
                     stop = stop or stop_early
-                checkpointer.save_if_due(epoch_end=False, record=last_eval)
+                with metrics.untimed():
+                    checkpointer.save_if_due(epoch_end=False, record=last_eval)
                 # An epoch's last step is left to the epoch-end check, so a resume never starts in an empty remainder.
                 if not stop and not accelerator.gradient_state.end_of_dataloader and preemption.requested():
                     train_loader.end()
@@ -234,7 +235,8 @@ def train(cfg: Config) -> dict:
                 # The next epoch starts at the beginning of its own order.
                 state.epoch, state.samples_consumed = state.epoch + 1, 0
             stop = stop or state.epoch >= _epoch_limit(cfg)
-            checkpointer.save_if_due(epoch_end=True, record=last_eval)
+            with metrics.untimed():
+                checkpointer.save_if_due(epoch_end=True, record=last_eval)
             if not stop and preemption.requested():
                 return _leave_for_requeue(accelerator, checkpointer, preemption, progress, metrics)
 
@@ -267,7 +269,8 @@ def _leave_for_requeue(accelerator, checkpointer, preemption, progress, metrics)
 
 def _validate(model, val_loader, loss_fn, accelerator, cfg, state, metrics, early_stopping, max_batches) -> tuple[dict, bool]:
     """One validation pass, logged; returns the record and early stopping's verdict, agreed by all ranks."""
-    val_metrics = evaluate(model, val_loader, loss_fn, accelerator, cfg.data, max_batches)
+    with metrics.untimed():
+        val_metrics = evaluate(model, val_loader, loss_fn, accelerator, cfg.data, max_batches)
     record = metrics.log_eval(state, val_metrics)
     early_stopping.update(state, record)
     if early_stopping.should_stop(state):

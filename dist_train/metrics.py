@@ -7,7 +7,9 @@ hot loop never waits for it: it is read back only when a record is written.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -49,7 +51,10 @@ class _RunningMean:
 
 
 class MetricsLogger:
-    def __init__(self, cfg: Config, accelerator: Accelerator):
+    """`metrics.jsonl` continues with the run: a fresh start rewrites it, a resume at optimizer step N
+    keeps the records up to N (those after it were written by the interrupted run and come again)."""
+
+    def __init__(self, cfg: Config, accelerator: Accelerator, resumed_step: int = 0):
         self.cfg = cfg
         self.accelerator = accelerator
         self.is_main_process = accelerator.is_main_process
@@ -59,10 +64,32 @@ class MetricsLogger:
         self._tokens = 0
         self._steps = 0
         self._last_time = time.perf_counter()
+        self._untimed_s = 0.0
         self.path = Path(cfg.output_dir) / "metrics.jsonl"
-        self._file = open(self.path, "a") if self.is_main_process else None
+        self._file = self._continue(resumed_step) if self.is_main_process else None
         if cfg.log_with:
             accelerator.init_trackers("dist_train", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))})
+
+    def _continue(self, resumed_step: int):
+        kept = []
+        if resumed_step and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                with contextlib.suppress(ValueError):  # a line cut short by a crash is dropped
+                    if json.loads(line).get("step", 0) <= resumed_step:
+                        kept.append(line + "\n")
+        tmp = self.path.with_name(".metrics.jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)  # atomic: a crash here leaves the old file or the new one
+        return open(self.path, "a")
+
+    @contextlib.contextmanager
+    def untimed(self):
+        """Validation and checkpointing inside a log interval do not count as training time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._untimed_s += time.perf_counter() - start
 
     def observe(self, loss: torch.Tensor, inputs) -> None:
         """Account one micro-batch (on this rank); no host sync."""
@@ -79,7 +106,7 @@ class MetricsLogger:
         if state.optimizer_step % self.cfg.log_every != 0:
             return None
         now = time.perf_counter()
-        seconds = now - self._last_time
+        seconds = now - self._last_time - self._untimed_s
         world = self.accelerator.num_processes
         record = {
             "epoch": state.epoch,
@@ -99,7 +126,7 @@ class MetricsLogger:
         if self.cfg.mixed_precision == "fp16":
             record["overflow_skipped"] = state.overflow_skipped
         self._samples = self._tokens = self._steps = 0
-        self._last_time = now
+        self._last_time, self._untimed_s = now, 0.0
         self.write(record)
         return record
 

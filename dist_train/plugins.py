@@ -47,7 +47,9 @@ def resolve(spec: str, key: str) -> Callable:
         try:
             module = importlib.import_module(module_part)
         except ModuleNotFoundError as exc:
-            if exc.name and module_part.startswith(exc.name):
+            # Only the named module itself (or a parent package) missing is the user's typo; a module it
+            # imports that is missing is reported as it is.
+            if exc.name and (module_part == exc.name or module_part.startswith(exc.name + ".")):
                 raise UserError(f"{key}: module {module_part!r} in {spec!r} cannot be found; check the name or install it.") from None
             raise
     try:
@@ -74,6 +76,10 @@ def _mse_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
 
 
 def _cross_entropy_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if outputs.ndim > 2 and outputs.shape[:-1] == targets.shape:
+        # Sequence logits (batch, tokens, classes), as language models return them: torch wants the
+        # classes on dim 1.
+        outputs = outputs.movedim(-1, 1)
     return F.cross_entropy(outputs.float(), targets, reduction="none")
 
 
@@ -117,9 +123,18 @@ class Loss:
         return value.mean() if value.ndim else value
 
     def per_sample(self, outputs, targets) -> torch.Tensor:
+        """One value per sample, shape (batch,): a loss with more dimensions (e.g. one per token) is
+        averaged over all but the first, so `gather_for_metrics` can drop padded samples exactly."""
         value = self._fn(outputs, targets)
         batch = targets.shape[0] if isinstance(targets, torch.Tensor) else len(targets)
-        return value.float().reshape(-1) if value.ndim else value.float().expand(batch)
+        if not value.ndim:
+            return value.float().expand(batch)
+        if value.shape[0] != batch:
+            raise UserError(
+                f"loss: {self.spec!r} returned shape {list(value.shape)} for a batch of {batch}; return a scalar "
+                "or one value per sample (first dimension = batch)."
+            )
+        return value.float().reshape(batch, -1).mean(dim=1)
 
 
 def build_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float, fused: bool = False) -> torch.optim.Optimizer:

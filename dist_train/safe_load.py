@@ -60,7 +60,7 @@ def load_unwrapped_weights(accelerator, models, input_dir) -> None:
     """Accelerate's load pre-hook: weights keyed as in the user's model (see save), shapes checked first."""
     for i, model in enumerate(models):
         path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
-        module = accelerator.unwrap_model(model)
+        module = accelerator.unwrap_model(model, keep_torch_compile=False)  # keys as in the user's model
         check_shapes(module, path)
         missing, unexpected = load_model(module, str(path), strict=False)
         if missing or unexpected:

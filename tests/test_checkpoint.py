@@ -20,13 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import cli_command, load_weights, run_cli, seed_project_args, val_records, write_seed_project
+from helpers import cli_command, load_weights, read_metrics, run_cli, seed_project_args, val_records, write_seed_project
 
 from dist_train import UserError, load_config, train
 from dist_train.manifest import MANIFEST, read_manifest, verify, write_manifest
 
 # 1 process: 8 steps/epoch; 2 processes: 4 steps/epoch (batch 8 per process, 2 micro-batches per step).
-EXACT = ("epochs=2", "batch_size=8", "grad_accum_steps=2", "checkpoint_every=3", "lr_schedule=linear", "warmup_steps=2", "seed=5")
+EXACT = ("epochs=2", "batch_size=8", "grad_accum_steps=2", "checkpoint_every=3", "lr_schedule=linear", "warmup_steps=2", "seed=5",
+         "log_every=2")
 KILL_AT_FORWARD = {1: 21, 2: 14}  # rank 0's 21st / 14th training forward: inside step 11 / 7; last save 9 / 6
 
 
@@ -42,12 +43,13 @@ def project(tmp_path_factory) -> Path:
         import torch.nn as nn
 
         class MyModel(nn.Module):
-            """The seed model; it logs the ids it trains on and can SIGKILL itself (a real crash)."""
+            """The seed model with dropout; it logs the ids it trains on and can SIGKILL itself (a real crash)."""
 
             def __init__(self, in_features=16, hidden=32, num_classes=4):
                 super().__init__()
                 self.fc1 = nn.Linear(in_features, hidden)
                 self.act = nn.Tanh()
+                self.drop = nn.Dropout(0.25)  # draws from the torch RNG: a resume must restore it exactly
                 self.fc2 = nn.Linear(hidden, num_classes)
                 self.forwards = 0
 
@@ -60,7 +62,7 @@ def project(tmp_path_factory) -> Path:
                             f.write(" ".join(str(int(i)) for i in x[:, -1].tolist()) + "\\n")
                     if rank == "0" and self.forwards == int(os.environ.get("KILL_AT_FORWARD", "0")):
                         os.kill(os.getpid(), signal.SIGKILL)
-                return self.fc2(self.act(self.fc1(x[:, :-1])))
+                return self.fc2(self.drop(self.act(self.fc1(x[:, :-1]))))
     '''))
     return folder
 
@@ -110,6 +112,9 @@ def test_sigkill_then_resume_is_bitwise_identical(project, reference, tmp_path, 
     resumed = run_cli(_args(project, out, *EXACT), nproc=nproc)
     assert f"step_{last_saved:08d} at optimizer step {last_saved} (epoch 1, " in resumed.stdout  # mid-epoch
     _assert_bitwise_equal(out, reference[nproc])
+    # metrics.jsonl continues the run: the killed run's records after the checkpoint are not repeated.
+    logged = [r["step"] for r in read_metrics(out) if "val_loss" not in r]
+    assert logged == [r["step"] for r in read_metrics(reference[nproc]) if "val_loss" not in r]
 
 
 def _read_ids(ids_dir: Path) -> dict[int, list[int]]:

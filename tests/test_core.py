@@ -92,3 +92,49 @@ def test_gathered_val_loss_is_the_exact_mean(project, tmp_path):
         reference = torch.nn.functional.cross_entropy(model(data["val_x"]), data["val_y"]).item()
     assert abs(one["val_loss"] - reference) <= 1e-6 * reference
     assert len(read_metrics(tmp_path / "two")) >= 1
+
+
+SEQUENCE_PROJECT = '''
+import torch
+import torch.nn as nn
+from torch.utils.data import TensorDataset
+
+class TokenTagger(nn.Module):
+    """Per-token logits (batch, tokens, classes), as a language model returns them."""
+
+    def __init__(self, vocab=12, classes=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, 8)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+def get_dataset(cfg, train):
+    g = torch.Generator().manual_seed(0 if train else 1)
+    ids = torch.randint(0, 12, (32 if train else 10, 3), generator=g)
+    return TensorDataset(ids, ids % 3)
+'''
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_per_token_loss_is_averaged_per_sample_exactly(tmp_path, nproc):
+    """10 validation sequences of 3 tokens, batch 4: every sample counted once, each its tokens' mean."""
+    (tmp_path / "seq.py").write_text(SEQUENCE_PROJECT)
+    out = tmp_path / "run"
+    run_cli([f"model={tmp_path / 'seq.py'}:TokenTagger", f"data={tmp_path / 'seq.py'}:get_dataset", "epochs=1",
+             "batch_size=4", f"output_dir={out}", "progress=false", "resume=never"], nproc=nproc)
+    final = val_records(out)[-1]
+    assert final["val_samples"] == 10
+    spec = importlib.util.spec_from_file_location("seq_ref", tmp_path / "seq.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TokenTagger()
+    model.load_state_dict(load_weights(out))
+    ids, tags = module.get_dataset(None, train=False).tensors
+    with torch.no_grad():
+        logits = model(ids)
+        reference = torch.nn.functional.cross_entropy(logits.movedim(-1, 1), tags).item()  # equal tokens per sample
+        accuracy = (logits.argmax(-1) == tags).float().mean().item()
+    assert abs(final["val_loss"] - reference) <= 1e-6 * reference
+    assert abs(final["val_accuracy"] - accuracy) <= 1e-6  # float32 per-sample fractions (k/3)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from dist_train.cli import main
 from dist_train.config import load_config
@@ -396,6 +397,9 @@ def test_compile_matches_eager(project, reference, tmp_path, nproc):
     else:
         run_cli(args, nproc=2)
     assert_same_weights(reference, tmp_path / "compiled")  # keys as MyModel's: no `_orig_mod.` prefix
+    # The checkpoint (and so `export` / `load_model`) is keyed as MyModel too.
+    checkpoint = sorted((tmp_path / "compiled" / "checkpoints").glob("step_*"))[-1]
+    assert load_file(str(checkpoint / "model.safetensors")).keys() == load_weights(reference).keys()
 
 
 @pytest.mark.parametrize(
