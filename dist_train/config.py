@@ -108,14 +108,24 @@ VALIDATION_METRICS = ("val_loss", "val_accuracy", "train_loss")
 """What a validation record can hold for `monitor` (val_accuracy: classification only, checked at the first validation)."""
 
 
-def describe_keys() -> str:
-    """One line per key, for `--help`."""
-    lines = []
+def _key_docs():
     for f in dataclasses.fields(Config):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         choices = f" One of: {', '.join(f.metadata['choices'])}." if f.metadata["choices"] else ""
-        lines.append(f"  {f.name} (default {default!r}): {f.metadata['help']}{choices}")
-    return "\n".join(lines)
+        yield f.name, default, f.metadata["help"] + choices
+
+
+def describe_keys() -> str:
+    """One line per key, for `--help`."""
+    return "\n".join(f"  {name} (default {default!r}): {doc}" for name, default, doc in _key_docs())
+
+
+def reference_table() -> str:
+    """The README's config reference, a Markdown table (a test keeps the README equal to it)."""
+    rows = ["| Key | Default | Meaning |", "|---|---|---|"]
+    rows += [f"| `{name}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {doc.replace('|', '/')} |"
+             for name, default, doc in _key_docs()]
+    return "\n".join(rows)
 
 
 def _closest(key: str) -> str:
