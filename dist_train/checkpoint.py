@@ -27,6 +27,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from safetensors import SafetensorError
 
 from .config import Config
+from .dcp_check import check_dcp_folder
 from .errors import UserError
 from .manifest import InvalidCheckpoint, fsync_path, read_manifest, verify, write_manifest
 from .safe_load import load_unwrapped_weights, restore_rng, safe_custom_state_loader, safe_torch_load
@@ -246,9 +247,14 @@ class Checkpointer:
             return None, None, None
         if mode != "auto":
             try:
-                return mode, verify(Path(mode)), None
+                manifest = verify(Path(mode))
             except InvalidCheckpoint as exc:
                 return None, None, f"resume: {mode!r} is not a usable checkpoint: {exc}."
+            try:
+                check_dcp_folder(Path(mode))
+            except UserError as exc:
+                return None, None, str(exc)
+            return mode, manifest, None
         candidates = []
         for path in sorted(self.root.iterdir()) if self.root.is_dir() else []:
             if not path.is_dir() or path.name.startswith(".del-"):  # being pruned: never a candidate
@@ -259,9 +265,15 @@ class Checkpointer:
                 _warn(f"resume: auto skips incomplete checkpoint {path}: {exc}")
         for _, path in sorted(candidates, reverse=True):
             try:
-                return str(path), verify(path), None
+                manifest = verify(path)
             except InvalidCheckpoint as exc:
                 _warn(f"resume: auto skips corrupt checkpoint {path}: {exc}")
+                continue
+            try:
+                check_dcp_folder(path)  # FSDP's sharded state: vetted before PyTorch unpickles it
+            except UserError as exc:  # hashes match, yet it holds code: tampered with, never skipped quietly
+                return None, None, str(exc)
+            return str(path), manifest, None
         return None, None, None
 
     def _check_position(self, path: str, manifest: dict) -> None:

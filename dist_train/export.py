@@ -21,8 +21,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from .dcp_check import check_dcp_folder
 from .errors import UserError
 from .manifest import InvalidCheckpoint, read_manifest, verify
+from .safe_load import safe_torch_load
 
 CONFIG_NAME = "dist_train_model.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -62,10 +64,14 @@ def _consolidated_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     if sharded.is_dir():  # FSDP SHARDED_STATE_DICT: torch.distributed.checkpoint, merged on one process
         from accelerate.utils import merge_fsdp_weights
 
+        check_dcp_folder(sharded)  # merging unpickles its metadata: vet it first
         with tempfile.TemporaryDirectory() as merged:
             merge_fsdp_weights(str(sharded), merged, safe_serialization=True)
             return load_file(str(Path(merged) / "model.safetensors"))
-    raise UserError(f"export: {checkpoint} has no model.safetensors nor FSDP sharded weights.")
+    full = checkpoint / "pytorch_model_fsdp.bin"
+    if full.is_file():  # FSDP FULL_STATE_DICT: rank 0's torch.save of the whole model
+        return safe_torch_load(full)
+    raise UserError(f"export: {checkpoint} has no model.safetensors nor FSDP weights (pytorch_model_fsdp_0/ or pytorch_model_fsdp.bin).")
 
 
 def export(source: str | Path, out: str | Path, max_shard_bytes: int = 5 * 10**9) -> Path:

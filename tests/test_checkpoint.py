@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import resource
 import shutil
 import subprocess
@@ -274,3 +275,45 @@ def test_export_and_load_model(reference, tmp_path):
     sharded = load_model(tmp_path / "sharded")
     assert all(torch.equal(sharded.state_dict()[k], want[k]) for k in want)
     assert load_file(str(tmp_path / "single" / "model.safetensors")).keys() == want.keys()
+
+
+def _fsdp_layout(source: Path, folder: Path, extra: dict | None = None) -> Path:
+    """A copy of `source` laid out as Accelerate's FSDP SHARDED_STATE_DICT writes it (the model as a
+    torch.distributed.checkpoint folder instead of model.safetensors), re-hashed: built on CPU in one
+    process, since FSDP itself needs GPUs."""
+    import torch.distributed.checkpoint as dcp
+
+    checkpoint = shutil.copytree(source, folder)
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    (checkpoint / "model.safetensors").unlink()
+    dcp.save({"model": weights, **(extra or {})}, checkpoint_id=str(checkpoint / "pytorch_model_fsdp_0"))
+    write_manifest(checkpoint, {k: v for k, v in read_manifest(checkpoint).items() if k != "files"})
+    return checkpoint
+
+
+def test_fsdp_sharded_state_is_consolidated_on_export_and_vetted_before_unpickling(reference, project, tmp_path):
+    """DCP unpickles its .metadata and non-tensor values with weights_only=False: dist_train vets both first."""
+    from dist_train import load_model
+    from dist_train.export import export
+
+    source = sorted((reference[1] / "checkpoints").glob("step_*"))[-1]
+    sharded = _fsdp_layout(source, tmp_path / "sharded")
+    model = load_model(export(sharded, tmp_path / "exported"))
+    want = load_weights(reference[1])
+    assert all(torch.equal(model.state_dict()[k], want[k]) for k in want)
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').write('pwned')",)
+
+    planted_value = _fsdp_layout(source, tmp_path / "planted_value", extra={"note": Exploit()})
+    with pytest.raises(UserError, match=r"value 'note' holds pickled objects other than tensors"):
+        export(planted_value, tmp_path / "never")
+    planted_metadata = _fsdp_layout(source, tmp_path / "planted_metadata")
+    (planted_metadata / "pytorch_model_fsdp_0" / ".metadata").write_bytes(pickle.dumps(Exploit()))  # DCP reads it with pickle.load
+    write_manifest(planted_metadata, {k: v for k, v in read_manifest(planted_metadata).items() if k != "files"})
+    error = _refused(_args(project, tmp_path / "run", *EXACT, f"resume={planted_metadata}"))
+    assert ".metadata is not a plain torch.distributed.checkpoint metadata file" in error
+    assert not marker.exists(), "the planted pickle was executed"
