@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 from .config import Config
 from .errors import UserError
 from .fastdata import EpochBatchSampler, TensorBatches, already_batched, can_use_fast_path, dataset_tensors
-from .plugins import resolve
+from .plugins import check_call, resolve
 
 
 class EpochSampler(Sampler[int]):
@@ -72,11 +72,9 @@ class EpochSampler(Sampler[int]):
 def _user_loaders(cfg: Config):
     get_data = resolve(cfg.data, "data")
     view = cfg.data_view()
-    try:
-        train, val = get_data(view, True), get_data(view, False)
-    except TypeError as exc:
-        raise UserError(f"data: calling {cfg.data!r} as get_dataloader(cfg, train) failed: {exc}.") from None
-    return train, val
+    check_call(get_data, {}, f"data: {cfg.data!r} cannot be called as get_dataloader(cfg, train)",
+               "It must take (cfg, train).", view, True)
+    return get_data(view, True), get_data(view, False)
 
 
 def _as_loader(obj, cfg: Config, train: bool) -> DataLoader:

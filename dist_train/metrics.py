@@ -58,6 +58,7 @@ class MetricsLogger:
         self.cfg = cfg
         self.accelerator = accelerator
         self.is_main_process = accelerator.is_main_process
+        self.log_every = 1 if cfg.fast_dev_run else cfg.log_every  # a smoke test exercises logging too
         self._interval_loss = _RunningMean(accelerator)
         self._eval_loss = _RunningMean(accelerator)
         self._samples = 0
@@ -103,7 +104,7 @@ class MetricsLogger:
     def log_step(self, state: TrainState, lr: float, grad_norm: torch.Tensor | None) -> dict | None:
         """Called once per optimizer step; writes a record every `log_every` steps and returns it."""
         self._steps += 1
-        if state.optimizer_step % self.cfg.log_every != 0:
+        if state.optimizer_step % self.log_every != 0:
             return None
         now = time.perf_counter()
         seconds = now - self._last_time - self._untimed_s

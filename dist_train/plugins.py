@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Callable
@@ -59,12 +60,22 @@ def resolve(spec: str, key: str) -> Callable:
         raise UserError(f"{key}: {module_part!r} has no attribute {attr!r} (it has: {', '.join(public[:12])}).") from None
 
 
+def check_call(fn: Callable, kwargs: dict, what: str, fix: str, *args) -> None:
+    """A UserError if `fn(*args, **kwargs)` would fail on its signature alone (before running any of it)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have none: let the call itself tell
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise UserError(f"{what}: {exc}. {fix}") from None
+
+
 def build_model(spec: str, kwargs: dict) -> nn.Module:
     factory = resolve(spec, "model")
-    try:
-        model = factory(**kwargs)
-    except TypeError as exc:
-        raise UserError(f"model: calling {spec!r} with model_args {kwargs!r} failed: {exc}. Fix model_args.") from None
+    check_call(factory, kwargs, f"model: {spec!r} cannot take model_args {kwargs!r}", "Fix model_args.")
+    model = factory(**kwargs)  # an error inside the user's code is theirs, shown as it is
     if not isinstance(model, nn.Module):
         raise UserError(f"model: {spec!r} returned a {type(model).__name__}, not a torch.nn.Module; it must return the model.")
     return model

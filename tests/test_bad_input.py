@@ -45,7 +45,12 @@ def test_model_factory_must_return_a_module(capsys, project, tmp_path):
     err = _run(capsys, *_args(project, tmp_path, f"model={factory}:make"))
     assert f"model: '{factory}:make' returned a dict, not a torch.nn.Module" in err
     err = _run(capsys, *_args(project, tmp_path, "model_args={depth: 3}"))
-    assert "model: calling" in err and "with model_args {'depth': 3} failed" in err
+    assert "model: '" in err and "cannot take model_args {'depth': 3}: got an unexpected keyword argument 'depth'. Fix model_args." in err
+    # A TypeError raised inside the user's own code is theirs: not blamed on model_args.
+    buggy = tmp_path / "buggy.py"
+    buggy.write_text("import torch.nn as nn\nclass M(nn.Module):\n    def __init__(self):\n        super().__init__()\n        len(3)\n")
+    with pytest.raises(TypeError, match="has no len"):
+        main(["train", *_args(project, tmp_path, f"model={buggy}:M")])
 
 
 def test_loader_must_yield_inputs_and_targets(capsys, project, tmp_path):
