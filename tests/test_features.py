@@ -373,10 +373,14 @@ def test_fp16_on_cpu_is_a_clear_error(project, tmp_path, capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 loss scaling and CUDA peak memory need a GPU")
 def test_fp16_overflow_skips_are_logged_on_gpu(project, tmp_path):
+    """A NaN forward at micro-batch 3 under fp16: Accelerate's scaler skips that step, and it is counted."""
     out = tmp_path / "fp16"
-    train_here(project, out, "mixed_precision=fp16", "batch_size=16", "epochs=1", "log_every=1", "cpu=false")
+    train_here(project, out, *probe_model(project, nan_rank=0, nan_call=3), "mixed_precision=fp16", "batch_size=16",
+               "epochs=1", "log_every=1", "cpu=false")
     records = log_records(out)
     assert all("overflow_skipped" in r for r in records)
+    assert records[-1]["overflow_skipped"] >= 1  # the NaN step (plus any the initial loss scale overflowed)
+    assert all(torch.isfinite(t).all() for t in load_weights(out).values())
     assert records[-1]["peak_memory_mb"] > 0
 
 
