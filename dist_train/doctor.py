@@ -166,11 +166,14 @@ def run_doctor(cfg, timeout_s: float) -> int:
         return 1
     views.sort(key=lambda v: v["rank"])
     problems = _problems(views, cfg)
-    if int(total.item()) != accelerator.num_processes:
-        problems.append(f"all_reduce smoke test returned {int(total.item())}, expected {accelerator.num_processes}")
+    total = int(total.item())
+    sum_ok = total == accelerator.num_processes
+    if not sum_ok:
+        problems.append(f"all_reduce smoke test returned {total}, expected {accelerator.num_processes} (one per rank); "
+                        "the backend or the network between the nodes corrupts collectives")
     if accelerator.is_main_process:
         _report(views, accelerator, cfg)
-        _say(f"all_reduce across {accelerator.num_processes} ranks: ok")
+        _say(f"all_reduce across {accelerator.num_processes} ranks: " + ("ok" if sum_ok else f"FAILED (sum {total})"))
         for problem in problems:
             print(f"dist-train doctor: FAILED: {problem}", file=sys.stderr, flush=True)
         if not problems:

@@ -1,8 +1,9 @@
 """Preemption and time limits: turn a signal into a checkpoint, a requeue and a clean exit.
 
 SLURM (`#SBATCH --signal=B:USR1@300` + `--requeue`, see slurm/) warns the batch shell before the
-time limit; the shell forwards USR1 to the training processes. SIGTERM (scancel, node shutdown,
-preemption with PreemptMode=REQUEUE, the time limit itself) arrives without warning.
+time limit; the shell forwards USR1 to the training processes. SIGTERM (scancel, the time limit
+itself, preemption without SlurmctldParameters=preempt_send_user_signal) arrives without warning,
+and SIGKILL follows KillWait (or GraceTime) seconds later.
 
 The signal handler only sets a flag: a checkpoint written from inside a handler could interrupt a
 collective or an optimizer step half-way. The loop asks `requested()` at every optimizer-step
@@ -24,6 +25,7 @@ import signal
 import subprocess
 import sys
 import threading
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -46,7 +48,10 @@ class Preemption:
         self._group = None
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # All ranks build the Preemption at the same point, so new_group (itself collective) is safe.
-            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            # The side group gets the run's collective timeout (new_group's own default is 30 min), so a
+            # rank that died is noticed here as soon as in the training's collectives.
+            self._group = (dist.group.WORLD if dist.get_backend() == "gloo"
+                           else dist.new_group(backend="gloo", timeout=_collective_timeout(accelerator)))
         if threading.current_thread() is threading.main_thread():  # signal.signal only works there
             for sig in _SIGNAL_ACTION:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -109,6 +114,13 @@ class Preemption:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def _collective_timeout(accelerator) -> timedelta | None:
+    """The timeout the run's process group was made with (`collective_timeout_s`, passed to the
+    Accelerator as InitProcessGroupKwargs); None (torch's default) when the Accelerator got none."""
+    handler = getattr(accelerator, "init_handler", None)
+    return getattr(handler, "timeout", None)
 
 
 def slurm_job_id() -> str | None:

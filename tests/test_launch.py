@@ -171,6 +171,92 @@ def test_doctor_names_an_unreachable_main_address():
     assert unresolvable.returncode == 1 and "main address 'no-such-host.invalid' does not resolve" in stderr, stderr
 
 
+# A stand-in for a rank that joins the process group and then never takes part in a collective
+# (a stuck or deadlocked process): the other rank's collectives must fail after their timeout.
+_SILENT_RANK = """
+import datetime, sys, time
+import torch.distributed as dist
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+print("joined", flush=True)
+time.sleep(float(sys.argv[1]))
+"""
+
+
+def _rank_env(rank: int, port: int) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+            "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+
+
+def test_doctor_fails_when_the_smoke_test_times_out():
+    """Rank 1 joins the group but never reaches the smoke test: rank 0 fails after --timeout_s, naming it."""
+    from helpers import _free_port
+
+    port = _free_port()
+    silent = subprocess.Popen([sys.executable, "-c", _SILENT_RANK, "120"], env=_rank_env(1, port), stdout=subprocess.PIPE, text=True)
+    try:
+        started = time.monotonic()
+        rank0 = _start_rank(0, port, [], {}, timeout_s=3)
+        _, stderr = rank0.communicate(timeout=120)
+        elapsed = time.monotonic() - started
+    finally:
+        silent.kill()
+        silent.communicate()
+    assert rank0.returncode == 1, stderr
+    assert "FAILED: all_reduce smoke test on rank 0" in stderr and "did not complete within 3 s" in stderr, stderr
+    assert elapsed < 60, f"took {elapsed:.0f} s"  # the 3 s timeout, plus interpreter start-up under load
+
+
+def test_doctor_fails_when_the_process_group_does_not_form():
+    """WORLD_SIZE=2 but rank 1 never starts: rank 0 gives up after --timeout_s instead of waiting forever."""
+    from helpers import _free_port
+
+    started = time.monotonic()
+    rank0 = _start_rank(0, _free_port(), [], {}, timeout_s=3)
+    _, stderr = rank0.communicate(timeout=120)
+    assert rank0.returncode == 1, stderr
+    assert "FAILED: the process group did not form on rank 0" in stderr and "within 3 s" in stderr, stderr
+    assert time.monotonic() - started < 60
+
+
+def test_doctor_fails_and_says_so_when_the_all_reduce_sum_is_wrong(monkeypatch, capsys):
+    """A collective that returns but with a wrong value: not "ok", exit 1 with the numbers."""
+    from accelerate import Accelerator
+
+    from dist_train.config import load_config
+    from dist_train.doctor import run_doctor
+
+    monkeypatch.setattr(Accelerator, "reduce", lambda self, tensor, reduction="sum": tensor * 0)
+    assert run_doctor(load_config(None, ["cpu=true"]), timeout_s=5) == 1
+    out, err = capsys.readouterr()
+    assert "all_reduce across 1 ranks: FAILED (sum 0)" in out and ": ok" not in out, out
+    assert "FAILED: all_reduce smoke test returned 0, expected 1" in err, err
+
+
+def _view(rank: int, host: str, gpus: int = 0, uuid: str | None = None, precision: str | None = None) -> dict:
+    return {"host": host, "rank": rank, "local_rank": 0, "local_world_size": 1, "gpus_on_node": gpus, "device": "cpu",
+            "gpu_uuid": uuid, "config_sha": "0" * 12, "launcher_precision": precision, "slurm": {}}
+
+
+def test_doctor_names_process_gpu_mismatches_shared_gpus_and_precision_conflicts():
+    """The checks that need GPUs, judged from the ranks' views as the doctor gathers them."""
+    from dist_train.config import load_config
+    from dist_train.doctor import _problems
+
+    cfg = load_config(None, [])
+    # 2 nodes x 4 GPUs, but only 3 processes on node-b: processes != nodes x GPUs.
+    views = [_view(r, "node-a", gpus=4, uuid=f"a{r}") for r in range(4)] + [_view(4 + r, "node-b", gpus=4, uuid=f"b{r}") for r in range(3)]
+    (problem,) = _problems(views, cfg)
+    assert problem.startswith("processes != nodes x GPUs: 3 processes on node-b, which has 4 GPUs") and "launched 7" in problem
+    assert _problems(views[:4], cfg) == []
+    # Ranks 0 and 1 on the same GPU.
+    views = [_view(0, "node-a", gpus=2, uuid="GPU-x"), _view(1, "node-a", gpus=2, uuid="GPU-x")]
+    assert _problems(views, cfg) == ["ranks [0, 1] share one GPU (GPU-x); check CUDA_VISIBLE_DEVICES and the process count"]
+    # The launch config asks for bf16, the run config for none.
+    (problem,) = _problems([_view(0, "node-a", precision="bf16")], cfg)
+    assert problem.startswith("mixed precision: the launch config says bf16 but the run config says no")
+    assert _problems([_view(0, "node-a", precision="bf16")], load_config(None, ["mixed_precision=bf16"])) == []
+
+
 # ---- signals and failures ----------------------------------------------------------------------
 def test_sigterm_to_one_rank_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(project, tmp_path):
     """TERM reaches rank 1 only: both ranks agree at the next step, save, exit 0; the resumed run ≡ uninterrupted."""
@@ -231,3 +317,44 @@ def test_requeue_targets_the_array_task_or_the_job(monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "1200")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
     assert slurm_job_id() == "1200_7"  # `scontrol requeue 1200_7`: this task, not the whole array
+
+
+_SIDE_GROUP_RANK = """
+import os, sys, time
+import torch.distributed as dist
+from dist_train.config import load_config
+from dist_train.loop import make_accelerator
+from dist_train.preemption import Preemption
+
+accelerator = make_accelerator(load_config(None, ["cpu=true", "collective_timeout_s=3"]))
+dist.get_backend = lambda group=None: "nccl"  # take the GPU path: the flag goes through a side gloo group
+preemption = Preemption(accelerator)
+if int(os.environ["RANK"]) == 1:
+    time.sleep(120)  # alive but never joins a round, like a rank stuck in a long step
+started = time.monotonic()
+try:
+    preemption.requested()  # starts a round
+    preemption.requested()  # waits for it: rank 1 never takes part
+    print("no timeout", flush=True)
+except RuntimeError as exc:
+    print(f"timed out after {time.monotonic() - started:.1f} s: {str(exc).splitlines()[0]}", flush=True)
+os._exit(0)
+"""
+
+
+def test_preemption_side_group_uses_the_collective_timeout():
+    """On GPUs the flag is agreed over a side gloo group; it must time out after collective_timeout_s, not
+    new_group's default 30 min (forced here on CPU by making the world look like NCCL)."""
+    from helpers import _free_port
+
+    port = _free_port()
+    ranks = [subprocess.Popen([sys.executable, "-c", _SIDE_GROUP_RANK], env=_rank_env(rank, port), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        out, _ = ranks[0].communicate(timeout=120)
+    finally:
+        for rank in ranks:
+            rank.kill()
+        ranks[1].communicate()
+    match = re.search(r"timed out after ([\d.]+) s", out)
+    assert match and float(match.group(1)) < 30, out[-3000:]  # 3 s configured; 30 min without it

@@ -2,7 +2,9 @@
 
 By default the tests start a throw-away 2-node cluster on this machine (tests/slurm_sandbox/: Debian's
 slurm packages, one network namespace per node; needs root) and stop it at the end. Environment:
-  DIST_TRAIN_SLURM=sandbox (default)  the local cluster; skipped with the reason when it cannot start
+  DIST_TRAIN_SLURM=sandbox (default)  the local cluster. Skipped, with the reason, only when its
+      prerequisites are missing (not Linux, not root, neither apt-get nor preinstalled slurm); when
+      they are present, a cluster that does not start fails the tests with the start script's output
   DIST_TRAIN_SLURM=external           submit to the cluster that `sbatch` on PATH reaches; then set
       DIST_TRAIN_SLURM_WORKDIR        a folder on a file system that every node sees
       DIST_TRAIN_SLURM_SBATCH_ARGS    extra sbatch flags (e.g. "--partition=debug --account=me")
@@ -47,12 +49,13 @@ JOB_TIMEOUT_S = float(os.environ.get("DIST_TRAIN_SLURM_JOB_TIMEOUT_S", 240))
 # lasts as long on any machine). `--signal=B:USR1@110` with `--time=2` makes SLURM signal at its
 # first time-limit check after the start (checks run every 30 s), i.e. 0-30 s into the run, while
 # the ~35 s training surely still runs (the batch shell repeats the signal until the trainer has
-# its handler, so an early signal is not lost).
+# its handler, so an early signal is not lost). One node with 2 processes and 2 nodes with one each
+# train bit for bit alike (checked), so the single-node job is the uninterrupted twin of both.
 TRAIN_OVERRIDES = ["epochs=10", "batch_size=8", "optimizer=sgd", "lr=0.05", "momentum=0.9", "seed=5", "log_every=4", "keep_last=2"]
 PREEMPT_FLAGS = ["--time=2", "--signal=B:USR1@110"]
 
 
-def _sandbox_unavailable() -> str | None:
+def _sandbox_prerequisites_missing() -> str | None:
     if sys.platform != "linux":
         return "the SLURM sandbox needs Linux"
     if os.geteuid() != 0:
@@ -133,31 +136,43 @@ def slurm(tmp_path_factory):
         workdir = Path(os.environ.get("DIST_TRAIN_SLURM_WORKDIR") or tmp_path_factory.mktemp("slurm"))
         yield Slurm(dict(os.environ), workdir, shlex.split(os.environ.get("DIST_TRAIN_SLURM_SBATCH_ARGS", "")), sandbox=False)
         return
-    reason = _sandbox_unavailable()
+    if MODE != "sandbox":
+        pytest.fail(f"DIST_TRAIN_SLURM={MODE!r}: use sandbox (the default), external or off")
+    reason = _sandbox_prerequisites_missing()
     if reason:
         pytest.skip(reason)
+    # From here on the sandbox can run on this machine: a cluster that does not come up is a failure
+    # (with the reason), never a skip, so that CI cannot pass with every SLURM test skipped.
     # One pytest session at a time owns the sandbox: another session's teardown would stop it under us.
     SANDBOX_DIR.mkdir(parents=True, exist_ok=True)
     lock = open(SANDBOX_DIR / "pytest.lock", "w")
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while True:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             break
         except BlockingIOError:
             if time.monotonic() > deadline:
-                pytest.skip("another pytest session has held the SLURM sandbox for 300 s")
+                lock.close()
+                pytest.fail(f"another pytest session has held the SLURM sandbox ({SANDBOX_DIR / 'pytest.lock'}) for 600 s")
             time.sleep(1)
     if Path("/run/netns/slurm-head").exists() and not (SANDBOX_DIR / "state" / "mode").exists():
         lock.close()
-        pytest.skip("another slurm sandbox (not this test's) is running on this machine; stop it first (stop-cluster.sh)")
-    env = {**os.environ, "SLURM_SANDBOX": str(SANDBOX_DIR), "SLURM_SANDBOX_ACCOUNTING": "0"}
+        pytest.fail("another slurm sandbox (not this test's) is running on this machine; stop it first (stop-cluster.sh)")
+    # 8 declared CPUs per node (the real cores are shared): room for all the module's jobs at once.
+    env = {**os.environ, "SLURM_SANDBOX": str(SANDBOX_DIR), "SLURM_SANDBOX_ACCOUNTING": "0", "SLURM_SANDBOX_CPUS_PER_NODE": "8"}
     started = time.monotonic()
-    start = subprocess.run(["bash", str(SANDBOX_SCRIPTS / "start-cluster.sh")], env=env, capture_output=True, text=True, timeout=300)
-    if start.returncode != 0:
+    try:
+        start = subprocess.run(["bash", str(SANDBOX_SCRIPTS / "start-cluster.sh")], env=env, capture_output=True, text=True, timeout=300)
+        failure = None if start.returncode == 0 else f"exit {start.returncode}"
+        output = start.stdout + start.stderr
+    except subprocess.TimeoutExpired as exc:
+        failure = "no result within 300 s"
+        output = "".join(part.decode(errors="replace") if isinstance(part, bytes) else (part or "") for part in (exc.stdout, exc.stderr))
+    if failure:
         subprocess.run(["bash", str(SANDBOX_SCRIPTS / "stop-cluster.sh"), "--purge"], env=env, capture_output=True, timeout=120)
         lock.close()
-        pytest.skip(f"the SLURM sandbox did not start: {(start.stdout + start.stderr).strip().splitlines()[-3:]}")
+        pytest.fail(f"the SLURM sandbox did not start ({failure}); tests/slurm_sandbox/start-cluster.sh said:\n{output[-6000:]}", pytrace=False)
     print(f"\nslurm sandbox up in {time.monotonic() - started:.0f} s")
     env["PATH"] = f"{SANDBOX_DIR / 'bin'}:{env['PATH']}"  # every client goes through the namespace wrappers
     try:
@@ -205,6 +220,8 @@ def jobs(slurm, project):
                                env={**cpu, "PROCS_PER_NODE": "2"}),
         "preempt": slurm.submit("train.sbatch", "preempt", [*config, *slow, f"output_dir={slurm.workdir / 'preempt' / 'out'}"],
                                 sbatch_flags=PREEMPT_FLAGS, env={**cpu, "PROCS_PER_NODE": "2"}),
+        "mpreempt": slurm.submit("train_multinode.sbatch", "mpreempt", [*config, *slow, f"output_dir={slurm.workdir / 'mpreempt' / 'out'}"],
+                                 sbatch_flags=[*PREEMPT_FLAGS, "--nodes=2"], env={**cpu, "PROCS_PER_NODE": "1"}),
         "doctor2": slurm.submit("train_multinode.sbatch", "doctor2", ["doctor", *config], sbatch_flags=["--nodes=2"],
                                 env={**cpu, "PROCS_PER_NODE": "1"}),
         "multi": slurm.submit("train_multinode.sbatch", "multi", [*config, "epochs=2", "batch_size=16", f"output_dir={slurm.workdir / 'multi' / 'out'}"],
@@ -214,7 +231,8 @@ def jobs(slurm, project):
                                                                           f"output_dir={slurm.workdir / 'multikill' / 'out'}"],
                                   sbatch_flags=["--nodes=2"], env={**cpu, "PROCS_PER_NODE": "1"}),
     }
-    threading.Thread(target=_raise_time_limit_after_first_requeue, args=(submitted["preempt"],), daemon=True).start()
+    for name in ("preempt", "mpreempt"):
+        threading.Thread(target=_raise_time_limit_after_first_requeue, args=(submitted[name],), daemon=True).start()
     return submitted
 
 
@@ -251,8 +269,16 @@ def test_two_node_job_is_one_distributed_job(jobs, slurm):
     assert re.search(r"node 0 \(\S+\) starts 1 processes", multi.log_text()) and re.search(r"node 1 \(\S+\) starts 1 processes", multi.log_text())
 
 
-def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(jobs, slurm):
-    job = jobs["preempt"]
+def test_sandbox_holds_an_unreachable_route_for_its_subnet(slurm):
+    """Network rule: while the namespaces exist, nothing the root namespace sends to their subnet leaves the machine."""
+    if not slurm.sandbox:
+        pytest.skip("a property of the local sandbox")
+    routes = subprocess.run(["ip", "route", "show"], capture_output=True, text=True, check=True).stdout
+    assert re.search(r"^unreachable 10\.200\.0\.0/24\b", routes, re.MULTILINE), routes
+
+
+def _assert_preempted_resumed_and_equal_to_the_uninterrupted_run(job: Job, jobs: dict, slurm: Slurm) -> str:
+    """short limit -> USR1 -> checkpoint -> requeue -> resume -> COMPLETED, final weights == the single job's."""
     fields = job.wait()
     _assert_completed(job, fields)
     log = job.log_text()
@@ -262,14 +288,30 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(jobs, s
     resumed = [int(step) for step in re.findall(r"resumed from \S+ at optimizer step (\d+)", log)]
     assert len(resumed) == restarts and 0 < resumed[0] < 160, log[-5000:]
     usr1 = re.findall(r"batch shell got USR1 at (\d\d:\d\d:\d\d)", log)
-    print(f"\npreemption: submitted {fields.get('SubmitTime')}, USR1 at {usr1}, {restarts} requeue(s), resumed at optimizer "
+    requeued = re.findall(r"requeued SLURM job", log)
+    print(f"\n{job.log.stem}: submitted {fields.get('SubmitTime')}, USR1 at {usr1}, {len(requeued)} requeue(s), resumed at optimizer "
           f"step(s) {resumed}, last run {fields.get('StartTime')} -> {fields.get('EndTime')} ({fields.get('RunTime')})")
 
     _assert_completed(jobs["single"], jobs["single"].wait())  # the uninterrupted twin
-    reference, resumed_weights = load_weights(slurm.workdir / "single" / "out"), load_weights(slurm.workdir / "preempt" / "out")
+    reference, resumed_weights = load_weights(slurm.workdir / "single" / "out"), load_weights(job.log.parent / "out")
     assert reference.keys() == resumed_weights.keys()
     for key in reference:
         torch.testing.assert_close(resumed_weights[key], reference[key], rtol=0, atol=0)
+    return log
+
+
+def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(jobs, slurm):
+    _assert_preempted_resumed_and_equal_to_the_uninterrupted_run(jobs["preempt"], jobs, slurm)
+
+
+def test_preempted_multinode_job_requeues_resumes_and_matches_an_uninterrupted_run(jobs, slurm):
+    """The same through train_multinode.sbatch: USR1 to the batch shell reaches both nodes' trainers."""
+    job = jobs["mpreempt"]
+    log = _assert_preempted_resumed_and_equal_to_the_uninterrupted_run(job, jobs, slurm)
+    runs = log.count(f"dist_train: job {job.id} restart ")
+    assert len(re.findall(r"node 0 \(\S+\) starts 1 processes", log)) == runs == len(re.findall(r"node 1 \(\S+\) starts 1 processes", log)), log[-5000:]
+    records = [r for r in read_metrics(job.log.parent / "out") if "val_loss" in r]
+    assert {r["num_processes"] for r in records} == {2} and records[-1]["step"] == 160
 
 
 def _job_process(job_id: str, rank: int) -> int | None:

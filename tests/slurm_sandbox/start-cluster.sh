@@ -255,6 +255,15 @@ fi
 
 # ---------------------------------------------------------------- 4. network namespaces
 if [ "$MODE" = netns ]; then
+  # guard first, before any address exists: the root namespace has no address in $NET.0/24; make
+  # sure nothing sent there from the root namespace (a client run without the wrapper) can leave
+  # through the default route. No guard, no cluster.
+  has_guard() { ip route show type unreachable | awk -v net="$NET.0/24" '$1 == "unreachable" && $2 == net {found = 1} END {exit !found}'; }
+  if ! has_guard; then
+    ip route add unreachable $NET.0/24 || die "cannot add the guard route 'unreachable $NET.0/24' to the root namespace; not starting"
+    touch "$RUN/owned/route"
+  fi
+  has_guard || die "the guard route 'unreachable $NET.0/24' is not in the root namespace; not starting"
   has_ns() { [ -e "/run/netns/$1" ]; }
   has_ns $HEAD_NS || ip netns add $HEAD_NS || die "cannot create network namespaces here; try SLURM_SANDBOX_MODE=multi"
   ip -n $HEAD_NS link set lo up
@@ -273,11 +282,6 @@ if [ "$MODE" = netns ]; then
     ip -n "$ns" addr replace "$NET.$i/24" dev eth0
     ip -n "$ns" link set eth0 up
   done
-  # guard: the root namespace has no address in $NET.0/24; make sure nothing sent there from the
-  # root namespace (a client run without the wrapper) can leave through the default route
-  if ! ip route show type unreachable | grep -q "^unreachable $NET.0/24"; then
-    ip route add unreachable $NET.0/24 && touch "$RUN/owned/route"
-  fi
   log "network namespaces ready: $(ip netns list | awk '/^slurm-/{print $1}' | xargs)"
 fi
 
