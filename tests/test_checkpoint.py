@@ -317,3 +317,37 @@ def test_fsdp_sharded_state_is_consolidated_on_export_and_vetted_before_unpickli
     error = _refused(_args(project, tmp_path / "run", *EXACT, f"resume={planted_metadata}"))
     assert ".metadata is not a plain torch.distributed.checkpoint metadata file" in error
     assert not marker.exists(), "the planted pickle was executed"
+
+
+def test_manifest_pieces_catch_a_flipped_byte_anywhere(tmp_path, monkeypatch):
+    """Loads verify 64 MiB pieces in parallel (small pieces here): every piece is checked, and a
+    manifest without pieces falls back to the whole-file SHA-256."""
+    import hashlib
+
+    from dist_train import manifest as manifest_module
+    from dist_train.manifest import InvalidCheckpoint
+
+    monkeypatch.setattr(manifest_module, "PIECE_BYTES", 1000)
+    data = os.urandom(3500)
+    (tmp_path / "weights.bin").write_bytes(data)
+    (tmp_path / "empty.bin").write_bytes(b"")
+    written = write_manifest(tmp_path, {"step": 1})
+    entry = written["files"]["weights.bin"]
+    assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert entry["pieces"] == [hashlib.sha256(data[i:i + 1000]).hexdigest() for i in range(0, 3500, 1000)]
+    verify(tmp_path)
+    for offset in (0, 999, 1000, 3499):  # first, last byte of a piece, and of the file
+        flipped = bytearray(data)
+        flipped[offset] ^= 1
+        (tmp_path / "weights.bin").write_bytes(bytes(flipped))
+        with pytest.raises(InvalidCheckpoint, match="weights.bin does not match its SHA-256"):
+            verify(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(data)
+    legacy = json.loads((tmp_path / MANIFEST).read_text())
+    for file_entry in legacy["files"].values():
+        del file_entry["pieces"]
+    (tmp_path / MANIFEST).write_text(json.dumps(legacy))
+    verify(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(InvalidCheckpoint, match="weights.bin does not match"):
+        verify(tmp_path)
