@@ -2,7 +2,7 @@
 
     python -m bench --quick                 # < 2 minutes on 2 CPU cores: every workload, the data path, scaling
     python -m bench                         # more repeats and steps: the figures of bench/RESULTS.md
-    python -m bench --gpu                   # on a CUDA machine: bf16 GPT of ~124M parameters, MFU
+    python -m bench --gpu [--gpu-batch N]   # on a CUDA machine: bf16 GPT of ~124M parameters, MFU
 
 Both arms run in this process with the same model, data, batch, seed and thread count (`--threads`,
 1 by default, so the two arms do not fight over 2 cores). Ratios are dist_train's throughput over the
@@ -100,8 +100,9 @@ def format_table(report: dict) -> str:
             lines.append(
                 f"           where the 2-process step goes ({s['two_process_step_ms']:.1f} ms vs {s['one_process_step_ms']:.1f} ms on 1): "
                 f"compute {s['concurrent_step_ms']:.1f} ms with both processes busy ({s['solo_step_ms']:.1f} ms alone), "
-                f"gloo all-reduce of the {s['gradient_mb']:.1f} MB gradient {s['allreduce_ms']:.1f} ms, "
-                f"1-integer all-gather {s['small_allgather_ms']:.2f} ms, rest {s['unexplained_ms']:.1f} ms"
+                f"+ the preemption check's async all-reduce {s['preemption_check_ms']:+.2f} ms ({s['preemption_call_ms']:.3f} ms in the call; "
+                f"{s['preemption_check_one_process_us']:.2f} us on 1 process, no collective), "
+                f"gloo all-reduce of the {s['gradient_mb']:.1f} MB gradient {s['allreduce_ms']:.1f} ms, rest {s['unexplained_ms']:.1f} ms"
             )
     lines.append(f"matmul rate (fp32 1024^3, best of start and end): {report['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; 'of matmul' = achieved / this")
     return "\n".join(lines)
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--smoke", action="store_true", help="a few steps of everything: checks the benchmark runs (tests)")
     parser.add_argument("--gpu", action="store_true", help="run the GPU benchmark instead (CUDA, bf16, ~124M GPT)")
     parser.add_argument("--compile", action="store_true", help="with --gpu: torch.compile the model in both arms")
+    parser.add_argument("--gpu-batch", type=int, metavar="N", help="with --gpu: sequences per step (default: ~60%% of the GPU's memory, see bench/gpu.py)")
     parser.add_argument("--workloads", nargs="+", choices=CPU_WORKLOADS, default=list(CPU_WORKLOADS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both arms (default 1)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the 2-process scaling run")
@@ -123,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpu:
         from . import gpu
 
-        report = gpu.run(quick=args.quick or args.smoke, compile=args.compile)
+        report = gpu.run(quick=args.quick or args.smoke, compile=args.compile, batch_size=args.gpu_batch)
         print(gpu.format_table(report))
     else:
         plans = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]

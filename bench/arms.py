@@ -1,10 +1,18 @@
 """The two arms of the A/B: the seed's hand-written loop and dist_train's `train`, timed the same way.
 
-Both arms run `steps` optimizer steps inside one epoch and are timed over windows of `window` steps;
-the first window (iterator start-up, allocator warm-up, first-call dispatch) is dropped. dist_train's
-windows are the `step_time_s` of its own metrics records (`log_every = window`), which cover exactly
-the time between two log boundaries, so start-up, the final validation and the model save are outside
-every window; the seed loop stamps `perf_counter()` at the same step boundaries.
+Both arms run `steps` optimizer steps inside one epoch and are timed by the same clock (`StepClock`):
+torch's global optimizer-step hook stamps `perf_counter()` after every `window`-th optimizer step of
+either arm, after a `torch.cuda.synchronize()` on a GPU, so each window covers exactly `window` whole
+iterations of that arm's loop, with every kernel of them finished. The first window (iterator
+start-up, allocator warm-up, first-call dispatch, compilation) is not timed; start-up, dist_train's
+final validation and model save fall outside every window.
+
+They train the same thing: the same weights (the model built after seeding torch with `seed`), the same
+samples in the same order (the seed loop's shuffle uses the permutation dist_train's sampler draws for
+epoch 0), the same batch, and AdamW with the same hyperparameters (`lr`, `WEIGHT_DECAY`, torch's
+default betas and eps) at a constant learning rate; `tests/test_bench.py` checks that both end with
+the same weights. What differs is how: the seed's per-sample `DataLoader` and torch's default AdamW
+implementation against dist_train's batched data path, fused AdamW and its loop.
 """
 
 from __future__ import annotations
@@ -12,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import statistics
 import tempfile
 import time
 import types
@@ -20,63 +27,114 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .workloads import WORKLOADS, build_model, get_dataloader, lm_loss
 
+# torch.optim.AdamW's default, stated in both arms (dist_train's own default is 0.0) so they cannot drift apart.
+WEIGHT_DECAY = 0.01
 
-def num_train_samples(workload: str, steps: int, world_size: int = 1) -> int:
+
+def num_train_samples(workload: str, steps: int, world_size: int = 1, batch_size: int | None = None) -> int:
     """Enough samples that `steps` steps stay inside the first epoch (no epoch-end validation in a window)."""
-    return (steps + 2) * WORKLOADS[workload].batch_size * world_size
+    return (steps + 2) * (batch_size or WORKLOADS[workload].batch_size) * world_size
+
+
+def epoch0_shuffle_seed(seed: int) -> int:
+    """The generator seed of dist_train's epoch-0 permutation (`dist_train.data.EpochSampler.order`).
+
+    Given to the seed loop's `DataLoader`, its `RandomSampler` draws the same `randperm`, so both arms see
+    the same batches; the equivalence test in tests/test_bench.py fails if dist_train's order changes."""
+    return seed * 1_000_003
+
+
+class StepClock:
+    """Stamps the time after every `window`-th optimizer step of any torch optimizer in this process.
+
+    Both arms are timed by this one hook, so neither is timed by its own code; on a GPU it waits for
+    the device first (`torch.cuda.synchronize()`), so a window holds its own kernels, not a neighbour's.
+    """
+
+    def __init__(self, window: int, device: str):
+        self.window, self.cuda = window, device == "cuda"
+        self.steps = 0
+        self.stamps: list[float] = []
+
+    def _on_step(self, optimizer, args, kwargs) -> None:
+        self.steps += 1
+        if self.steps % self.window == 0:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.stamps.append(time.perf_counter())
+
+    def __enter__(self) -> "StepClock":
+        self._handle = register_optimizer_step_post_hook(self._on_step)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+
+    def window_times(self) -> list[float]:
+        """Mean step time (s) of each window after the first (stamps come at steps w, 2w, ...)."""
+        return [(b - a) / self.window for a, b in zip(self.stamps, self.stamps[1:])]
 
 
 def seed_loop(workload: str, steps: int, window: int, seed: int = 0, lr: float = 1e-3, device: str = "cpu", bf16: bool = False,
-              compile: bool = False) -> list[float]:
+              compile: bool = False, batch_size: int | None = None, record: dict | None = None) -> list[float]:
     """The seed's loop, as a user writes it; returns the mean step time (s) of each window after the first.
 
     On a GPU (`device="cuda"`) it moves each batch with `.to(device)` and, with `bf16`, runs forward and
-    loss under `torch.autocast`, as a user would; the clock waits for the GPU at window boundaries only.
+    loss under `torch.autocast`, as a user would. `record`, if given, receives the per-step losses and
+    the final weights (for the equivalence test; read after the loop, so no per-step host sync).
     """
     w = WORKLOADS[workload]
+    batch_size = batch_size or w.batch_size
     torch.manual_seed(seed)
     model = build_model(workload).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     if compile:
         model = torch.compile(model)
-    cfg = types.SimpleNamespace(workload=workload, num_samples=num_train_samples(workload, steps), batch_size=w.batch_size, num_workers=0)
+    cfg = types.SimpleNamespace(workload=workload, num_samples=num_train_samples(workload, steps, batch_size=batch_size),
+                                batch_size=batch_size, num_workers=0)
     loader = get_dataloader(cfg, train=True)
+    loader.sampler.generator = torch.Generator().manual_seed(epoch0_shuffle_seed(seed))
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    losses = []
     model.train()
-    stamps = [time.perf_counter()]
-    for inputs, targets in loader:
-        inputs, targets = inputs.to(device), targets.to(device)
-        optimizer.zero_grad()
-        with autocast:
-            outputs = model(inputs)
-            loss = lm_loss(outputs, targets).mean() if w.kind == "gpt" else F.cross_entropy(outputs, targets)
-        loss.backward()
-        optimizer.step()
-        if device == "cuda" and len(stamps) % window == 0:
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-        if len(stamps) > steps:
-            break
-    boundaries = stamps[::window]
-    return [(b - a) / window for a, b in zip(boundaries[1:-1], boundaries[2:])]
+    with StepClock(window, device) as clock:
+        for step, (inputs, targets) in enumerate(loader, start=1):
+            inputs, targets = inputs.to(device), targets.to(device)
+            optimizer.zero_grad()
+            with autocast:
+                outputs = model(inputs)
+                loss = lm_loss(outputs, targets).mean() if w.kind == "gpt" else F.cross_entropy(outputs, targets)
+            loss.backward()
+            optimizer.step()
+            if record is not None:
+                losses.append(loss.detach())
+            if step == steps:
+                break
+    if record is not None:
+        record["losses"] = [float(x) for x in losses]
+        record["state_dict"] = {k: v.detach().cpu().clone() for k, v in getattr(model, "_orig_mod", model).state_dict().items()}
+    return clock.window_times()
 
 
 def dist_train_config(workload: str, steps: int, window: int, output_dir: str, seed: int = 0, world_size: int = 1, lr: float = 1e-3,
-                      device: str = "cpu", bf16: bool = False, compile: bool = False) -> dict:
+                      device: str = "cpu", bf16: bool = False, compile: bool = False, batch_size: int | None = None) -> dict:
     """The config (as key -> value) that makes dist_train run the same training as `seed_loop`."""
     w = WORKLOADS[workload]
+    batch_size = batch_size or w.batch_size
     return {
         "model": "bench.workloads:build_model",
         "model_args": {"workload": workload},
         "data": "bench.workloads:get_dataloader",
-        "data_args": {"workload": workload, "num_samples": num_train_samples(workload, steps, world_size)},
+        "data_args": {"workload": workload, "num_samples": num_train_samples(workload, steps, world_size, batch_size)},
         "loss": "bench.workloads:lm_loss" if w.kind == "gpt" else "cross_entropy",
         "optimizer": "adamw",
         "lr": lr,
-        "batch_size": w.batch_size,
+        "weight_decay": WEIGHT_DECAY,
+        "batch_size": batch_size,
         "epochs": 1,
         "max_steps": steps,
         "log_every": window,
@@ -91,13 +149,6 @@ def dist_train_config(workload: str, steps: int, window: int, output_dir: str, s
     }
 
 
-def window_times(metrics_path: Path) -> list[float]:
-    """`step_time_s` of every training record after the first (the first includes start-up)."""
-    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    train_records = [r for r in records if "step_time_s" in r]
-    return [r["step_time_s"] for r in train_records[1:]]
-
-
 def _reset_accelerate() -> None:
     """Forget the Accelerator singletons so the next in-process `train` builds fresh ones."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
@@ -108,23 +159,29 @@ def _reset_accelerate() -> None:
 
 
 def dist_train_loop(workload: str, steps: int, window: int, seed: int = 0, lr: float = 1e-3, device: str = "cpu", bf16: bool = False,
-                    compile: bool = False) -> list[float]:
-    """dist_train's real loop (`dist_train.loop.train`) in this process; window step times as `seed_loop`."""
+                    compile: bool = False, batch_size: int | None = None, record: dict | None = None) -> list[float]:
+    """dist_train's real loop (`dist_train.loop.train`) in this process; window step times as `seed_loop`.
+
+    `record`, if given, receives the train loss of each metrics record (one per `window` steps) and the
+    saved final weights."""
+    from safetensors.torch import load_file
+
     from dist_train.config import load_config
     from dist_train.loop import train
 
     with tempfile.TemporaryDirectory(prefix="bench-") as out:
-        cfg = load_config(None, **dist_train_config(workload, steps, window, out, seed=seed, lr=lr, device=device, bf16=bf16, compile=compile))
-        with contextlib.redirect_stdout(io.StringIO()):
+        cfg = load_config(None, **dist_train_config(workload, steps, window, out, seed=seed, lr=lr, device=device, bf16=bf16,
+                                                    compile=compile, batch_size=batch_size))
+        with contextlib.redirect_stdout(io.StringIO()), StepClock(window, device) as clock:
             try:
                 train(cfg)
             finally:
                 _reset_accelerate()
-        return window_times(Path(out) / "metrics.jsonl")
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
+        if record is not None:
+            records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+            record["losses"] = [r["train_loss"] for r in records if "step_time_s" in r]
+            record["state_dict"] = load_file(Path(out) / "model.safetensors")
+    return clock.window_times()
 
 
 def _batches_per_s(loader, batches: int) -> float:

@@ -37,7 +37,8 @@ WORKLOADS = {
     "tiny_mlp": Workload("tiny_mlp", "mlp", 256, widths=(256, 32, 32, 10)),
     "mlp": Workload("mlp", "mlp", 256, widths=(256, 1024, 1024, 10)),
     "gpt": Workload("gpt", "gpt", 16, layers=4, d_model=256, heads=4, context=128, vocab=512),
-    # GPU only (`python -m bench --gpu`): GPT-2 small's shape, 124M parameters (vocab padded to 50304).
+    # GPU only (`python -m bench --gpu`): GPT-2 small's shape, 124M parameters (vocab padded to 50304);
+    # bench/gpu.py sizes its batch to the GPU's memory (`--gpu-batch`), this 32 is only the default of the arms.
     "gpt124m": Workload("gpt124m", "gpt", 32, layers=12, d_model=768, heads=12, context=1024, vocab=50304),
 }
 CPU_WORKLOADS = ("tiny_mlp", "mlp", "gpt")
