@@ -36,6 +36,8 @@ def test_int_is_accepted_for_float():
         ("epochs=true", "Config key 'epochs' has value True of type bool; expected int."),
         ("epochs=0", "Config key 'epochs' has value 0; expected a number >= 1."),
         ("lr=-1", "Config key 'lr' has value -1.0; expected a number >= 0."),
+        ("lr=.nan", "Config key 'lr' has value nan; expected a finite number."),
+        ("max_grad_norm=.inf", "Config key 'max_grad_norm' has value inf; expected a finite number."),
         ("optimizer=adagrad", "Config key 'optimizer' has value 'adagrad'; expected one of adam, adamw, sgd."),
         ("grad_accum_steps=0", "Config key 'grad_accum_steps' has value 0; expected a number >= 1."),
         ("lr_schedule=step", "expected one of constant, linear, cosine"),
