@@ -119,3 +119,22 @@ def seed_project_args(folder: Path, output_dir: Path, *extra: str) -> list[str]:
         f"data_args={{data_path: {folder / 'data.pt'}}}", f"output_dir={output_dir}", "progress=false",
         "resume=never", *extra,
     ]
+
+
+SLOW_MODEL = textwrap.dedent('''
+    import time
+    from model import MyModel
+
+    class SlowModel(MyModel):
+        """The seed model with a fixed pause per forward: a signal lands mid-training, and a run lasts
+        as long on any machine."""
+
+        def __init__(self, delay_s=0.0, **kwargs):
+            super().__init__(**kwargs)
+            self.delay_s = delay_s
+
+        def forward(self, x):
+            time.sleep(self.delay_s)
+            return super().forward(x)
+''')
+"""`slow_model.py:SlowModel` for a seed project (write it beside its model.py)."""

@@ -13,14 +13,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import REPO, cli_command, load_weights, read_metrics, run_cli, seed_project_args, write_seed_project
+from helpers import REPO, SLOW_MODEL, cli_command, load_weights, read_metrics, run_cli, seed_project_args, write_seed_project
 
 LAUNCH_CONFIGS = sorted((REPO / "launch_configs").glob("*.yaml"))
 SHELL_SCRIPTS = sorted([*(REPO / "slurm").glob("*.sbatch"), REPO / "tests" / "run.sh", REPO / ".ci" / "run",
@@ -30,21 +29,7 @@ SHELL_SCRIPTS = sorted([*(REPO / "slurm").glob("*.sbatch"), REPO / "tests" / "ru
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     folder = write_seed_project(tmp_path_factory.mktemp("seed"), num_train=256, num_val=32)
-    (folder / "slow_model.py").write_text(textwrap.dedent('''
-        import time
-        from model import MyModel
-
-        class SlowModel(MyModel):
-            """The seed model with a fixed pause per forward, so a signal reliably lands mid-training."""
-
-            def __init__(self, delay_s=0.0, **kwargs):
-                super().__init__(**kwargs)
-                self.delay_s = delay_s
-
-            def forward(self, x):
-                time.sleep(self.delay_s)
-                return super().forward(x)
-    '''))
+    (folder / "slow_model.py").write_text(SLOW_MODEL)
     return folder
 
 

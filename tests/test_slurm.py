@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, load_weights, read_metrics, write_seed_project
+from helpers import REPO, SLOW_MODEL, load_weights, read_metrics, write_seed_project
 
 MODE = os.environ.get("DIST_TRAIN_SLURM", "sandbox")
 SANDBOX_SCRIPTS = REPO / "tests" / "slurm_sandbox"
@@ -185,21 +185,7 @@ def slurm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def project(slurm) -> Path:
     folder = write_seed_project(slurm.workdir / "project", num_train=256, num_val=32)
-    (folder / "slow_model.py").write_text(textwrap.dedent('''
-        import time
-        from model import MyModel
-
-        class SlowModel(MyModel):
-            """The seed model with a fixed pause per forward: a run lasts as long on any machine."""
-
-            def __init__(self, delay_s=0.0, **kwargs):
-                super().__init__(**kwargs)
-                self.delay_s = delay_s
-
-            def forward(self, x):
-                time.sleep(self.delay_s)
-                return super().forward(x)
-    '''))
+    (folder / "slow_model.py").write_text(SLOW_MODEL)
     (folder / "run.yaml").write_text(textwrap.dedent(f'''
         model: {folder / "slow_model.py"}:SlowModel
         data: {folder / "dataloader.py"}:get_dataloader
