@@ -69,6 +69,7 @@ class Config:
     output_dir: str = _opt("runs/default", "Where config.yaml, metrics.jsonl, checkpoints and model.safetensors go.")
     cpu: bool = _opt(False, "Force CPU even when a GPU is present.")
     collective_timeout_s: int = _opt(600, "Seconds a collective may wait for other ranks before the job fails.", minimum=1)
+    find_unused_parameters: bool = _opt(False, "Let DDP allow parameters that get no gradient in some steps (slower; needed for models with unused or conditionally used parameters).")
 
     # --- logging -------------------------------------------------------------------------------
     log_every: int = _opt(10, "Log training metrics every N optimizer steps.", minimum=1)
@@ -128,9 +129,52 @@ def reference_table() -> str:
     return "\n".join(rows)
 
 
+# Names users bring from other trainers (HF Trainer, Lightning, torchtitan, Accelerate examples): spelling
+# similarity cannot find these (`learning_rate` looks nothing like `lr`).
+_FOREIGN_KEYS = {
+    "learning_rate": "lr", "optimizer.lr": "lr", "base_lr": "lr",
+    "optim": "optimizer", "optimizer.name": "optimizer",
+    "num_epochs": "epochs", "num_train_epochs": "epochs", "max_epochs": "epochs", "n_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size", "bs": "batch_size",
+    "micro_batch_size": "batch_size", "local_batch_size": "batch_size", "training.local_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps", "accumulate_grad_batches": "grad_accum_steps",
+    "gradient_clip_val": "max_grad_norm", "clip_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm",
+    "training.max_norm": "max_grad_norm", "max_norm": "max_grad_norm",
+    "lr_scheduler": "lr_schedule", "lr_scheduler_type": "lr_schedule", "scheduler": "lr_schedule",
+    "warmup": "warmup_steps", "num_warmup_steps": "warmup_steps", "warmup_ratio": "warmup_steps",
+    "lr_scheduler.warmup_steps": "warmup_steps",
+    "max_train_steps": "max_steps", "training.steps": "max_steps", "steps": "max_steps",
+    "precision": "mixed_precision", "fp16": "mixed_precision", "bf16": "mixed_precision",
+    "eval_steps": "eval_every", "val_check_interval": "eval_every", "eval_interval": "eval_every",
+    "patience": "early_stopping_patience", "early_stopping": "early_stopping_patience",
+    "metric_for_best_model": "monitor", "greater_is_better": "monitor_mode", "mode": "monitor_mode",
+    "dataloader_num_workers": "num_workers",
+    "output": "output_dir", "output_path": "output_dir", "default_root_dir": "output_dir",
+    "dump_folder": "output_dir", "job.dump_folder": "output_dir", "logging_dir": "output_dir",
+    "no_cuda": "cpu", "use_cpu": "cpu",
+    "ddp_timeout": "collective_timeout_s", "timeout": "collective_timeout_s",
+    "ddp_find_unused_parameters": "find_unused_parameters",
+    "logging_steps": "log_every", "log_every_n_steps": "log_every", "log_freq": "log_every",
+    "metrics.log_freq": "log_every", "report_to": "log_with", "logger": "log_with",
+    "disable_tqdm": "progress", "enable_progress_bar": "progress",
+    "save_steps": "checkpoint_every", "checkpoint.interval": "checkpoint_every", "every_n_train_steps": "checkpoint_every",
+    "save_total_limit": "keep_last", "checkpoint.keep_latest_k": "keep_last",
+    "resume_from_checkpoint": "resume", "ckpt_path": "resume",
+    "torch_compile": "compile", "auto_find_batch_size": "auto_batch_size",
+}
+
+
 def _closest(key: str) -> str:
-    match = difflib.get_close_matches(key, FIELDS, n=1, cutoff=0.0)
-    return f" Did you mean {match[0]!r}?" if match else ""
+    """' Did you mean …?' for an unknown key, or '' when no valid key is a plausible guess."""
+    norm = key.strip().lower().replace("-", "_")
+    match = norm if norm in FIELDS else _FOREIGN_KEYS.get(norm)
+    if match is None:
+        close = difflib.get_close_matches(norm, FIELDS, n=1, cutoff=0.6)
+        match = close[0] if close else None
+    if match is None:
+        return ""
+    choices = FIELDS[match].metadata["choices"]
+    return f" Did you mean {match!r}" + (f" (one of {', '.join(choices)})?" if choices else "?")
 
 
 def _check_value(name: str, value: Any) -> Any:

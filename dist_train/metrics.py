@@ -14,11 +14,30 @@ import resource
 import time
 from pathlib import Path
 
+import accelerate
 import torch
 from accelerate import Accelerator
 
 from .config import Config
+from .errors import UserError
 from .state import TrainState
+
+
+def check_trackers_installed(log_with: list[str]) -> None:
+    """Raise a UserError for the first `log_with` tracker whose package is missing.
+
+    Accelerate itself only warns and drops such a tracker, and the run would go on unlogged. Its own
+    `is_<tracker>_available` checks are asked, so we accept exactly what it accepts (tensorboard: the
+    `tensorboard` or `tensorboardX` package). The extras in pyproject.toml are named after the trackers.
+    """
+    for tracker in log_with:
+        available = getattr(accelerate.utils, f"is_{tracker}_available", None)
+        if available is None:
+            raise UserError(f"log_with: {tracker!r} is not supported by accelerate {accelerate.__version__}; "
+                            f"upgrade it (pip install -U accelerate) or remove {tracker} from log_with.")
+        if not available():
+            raise UserError(f"log_with: {tracker!r} needs the {tracker} package, which is not installed; "
+                            f"run pip install 'dist-train[{tracker}]', or remove {tracker} from log_with.")
 
 
 def peak_memory_mb(device: torch.device) -> float:
