@@ -14,8 +14,10 @@ def train(cfg: Config) -> dict:
     return _train(cfg)
 
 
-def load_model(directory):
-    """The model exported by `dist-train export` to `directory`, with its weights, in eval mode."""
+def load_model(directory, model=None, *, trust_code=False):
+    """The model exported by `dist-train export` to `directory`, with its weights, in eval mode: built
+    from `model` (your class, called with the export's model_args, or a built module), or, only with
+    `trust_code=True`, by importing the import string the export names."""
     from .export import load_model as _load_model
 
-    return _load_model(directory)
+    return _load_model(directory, model, trust_code=trust_code)

@@ -264,7 +264,7 @@ def test_export_and_load_model(reference, tmp_path):
 
     assert main(["export", str(reference[1]), "--out", str(tmp_path / "single")]) == 0
     assert (tmp_path / "single" / "model.safetensors").exists()
-    model = load_model(tmp_path / "single")
+    model = load_model(tmp_path / "single", trust_code=True)  # our own export
     want = load_weights(reference[1])
     assert all(torch.equal(model.state_dict()[k], want[k]) for k in want)
 
@@ -272,7 +272,7 @@ def test_export_and_load_model(reference, tmp_path):
     assert main(["export", str(checkpoint), "--out", str(tmp_path / "sharded"), "--max-shard-size", "1KB"]) == 0
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
-    sharded = load_model(tmp_path / "sharded")
+    sharded = load_model(tmp_path / "sharded", trust_code=True)
     assert all(torch.equal(sharded.state_dict()[k], want[k]) for k in want)
     assert load_file(str(tmp_path / "single" / "model.safetensors")).keys() == want.keys()
 
@@ -298,7 +298,7 @@ def test_fsdp_sharded_state_is_consolidated_on_export_and_vetted_before_unpickli
 
     source = sorted((reference[1] / "checkpoints").glob("step_*"))[-1]
     sharded = _fsdp_layout(source, tmp_path / "sharded")
-    model = load_model(export(sharded, tmp_path / "exported"))
+    model = load_model(export(sharded, tmp_path / "exported"), trust_code=True)
     want = load_weights(reference[1])
     assert all(torch.equal(model.state_dict()[k], want[k]) for k in want)
 
