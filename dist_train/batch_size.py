@@ -17,7 +17,6 @@ still fails the run; with several processes it cannot be retried without a rank 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -97,6 +96,5 @@ def fit_batch_size(cfg: Config, accelerator: Accelerator, build: Callable[[Confi
 
     fitted, built = find_executable_batch_size(attempt, starting_batch_size=cfg.batch_size, reduce_batch_size_fn=agreed_smaller)()
     if accelerator.is_main_process and fitted.batch_size != cfg.batch_size:
-        (Path(cfg.output_dir) / "config.yaml").write_text(fitted.to_yaml())  # the resolved config: the size used
         print(f"dist_train: auto_batch_size: training with batch_size {fitted.batch_size} per process", flush=True)
     return fitted, built

@@ -23,12 +23,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import yaml
 from accelerate.utils import broadcast_object_list, gather_object
 from safetensors import SafetensorError
 
 from .config import Config
 from .dcp_check import check_dcp_folder
 from .errors import UserError
+from .resume_policy import check_changes
 from .manifest import InvalidCheckpoint, fsync_path, read_manifest, verify, write_manifest
 from .safe_load import load_unwrapped_weights, restore_rng, safe_custom_state_loader, safe_torch_load
 from .state import TrainState
@@ -47,28 +49,19 @@ class Checkpointer:
         self.cfg, self.accelerator, self.state = cfg, accelerator, state
         self.root = Path(cfg.output_dir) / "checkpoints"
         self.enabled = not cfg.fast_dev_run  # a smoke test leaves no trace and resumes nothing
-        self._pending = False
         self._last_saved: tuple | None = None
         accelerator.register_save_state_pre_hook(self._save_unwrapped_weights)
         accelerator.register_load_state_pre_hook(lambda models, input_dir: load_unwrapped_weights(accelerator, models, input_dir))
 
     # ---- when ----------------------------------------------------------------------------------
-    def save_if_due(self, *, epoch_end: bool, record: dict | None = None) -> None:
-        """Called after every optimizer step (epoch_end=False) and after each epoch-end validation."""
+    def save_if_due(self, *, epoch_ended: bool, last_step: bool, record: dict | None = None) -> None:
+        """Called once per optimizer step, after the position moved on (an epoch's last step is saved as
+        the start of the next epoch). Due every `checkpoint_every` steps, at epoch ends with
+        `checkpoint_epochs`, and always at the run's last step, so a finished run can be continued."""
         if not self.enabled:
             return
-        step = self.state.optimizer_step
-        if not epoch_end:
-            if self.cfg.checkpoint_every and step % self.cfg.checkpoint_every == 0:
-                if self.accelerator.gradient_state.end_of_dataloader:
-                    # The epoch's last step: saved by the epoch-end call, after its validation and the
-                    # epoch increment, so a resume starts the next epoch instead of an empty remainder.
-                    self._pending = True
-                else:
-                    self.save(record)
-            return
-        if self.cfg.checkpoint_epochs or self._pending:
-            self._pending = False
+        every = self.cfg.checkpoint_every
+        if last_step or (every and self.state.optimizer_step % every == 0) or (epoch_ended and self.cfg.checkpoint_epochs):
             self.save(record)
 
     # ---- saving --------------------------------------------------------------------------------
@@ -109,6 +102,31 @@ class Checkpointer:
         self._agree(error, tmp)
         self._last_saved = (step, self.state.state_dict())
         return final
+
+    def save_final(self, model) -> Path:
+        """`output_dir/model.safetensors`: the final weights, keyed as in the user's model, replaced atomically.
+
+        Written to a temporary folder and moved into place, so a full disk or a kill mid-write never
+        leaves a truncated file where a previous run's final weights were.
+        """
+        acc, out = self.accelerator, Path(self.cfg.output_dir)
+        tmp, error = out / ".tmp-final", None
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        try:
+            # compile: true wraps the prepared model once more; its keys would gain an `_orig_mod.` prefix.
+            acc.save_model(getattr(model, "_orig_mod", model), tmp, safe_serialization=True)
+            if acc.is_main_process:
+                for written in sorted(tmp.iterdir()):
+                    os.replace(written, out / written.name)
+                fsync_path(out)
+        except (OSError, SafetensorError) as exc:
+            error = self._write_error(exc, what="the final weights", where=out)
+        self._agree(error, tmp)
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out / "model.safetensors"
 
     def _describe(self, record: dict | None) -> dict:
         import accelerate
@@ -183,12 +201,13 @@ class Checkpointer:
             found.append((int(manifest["step"]), path, manifest))
         return sorted(found, key=lambda item: (item[0], item[1].name))
 
-    def _write_error(self, exc: Exception) -> str:
+    def _write_error(self, exc: Exception, what: str = "a checkpoint", where: Path | None = None) -> str:
+        where = where or self.root
         reason = getattr(exc, "strerror", None) or f"{type(exc).__name__}: {exc}"
         with contextlib.suppress(OSError):
-            reason += f"; {shutil.disk_usage(self.root).free / 2**20:.0f} MiB free there"
+            reason += f"; {shutil.disk_usage(where).free / 2**20:.0f} MiB free there"
         return (
-            f"cannot write a checkpoint to {self.root} ({reason}); existing checkpoints are "
+            f"cannot write {what} to {where} ({reason}); existing checkpoints are "
             "untouched. Free disk space or make output_dir writable, then rerun with resume: auto."
         )
 
@@ -225,6 +244,7 @@ class Checkpointer:
         if path is None:
             return
         self._check_position(path, manifest)
+        changes = self._check_config(Path(path))
         self._load(Path(path), manifest)
         if self.accelerator.is_main_process:
             moved = f", written by {manifest['world_size']} processes" if manifest["world_size"] != self.accelerator.num_processes else ""
@@ -232,6 +252,16 @@ class Checkpointer:
                 f"dist_train: resumed from {path} at optimizer step {self.state.optimizer_step} (epoch "
                 f"{self.state.epoch}, {self.state.samples_consumed} samples into it{moved})", flush=True,
             )
+            for change in changes:
+                print(f"dist_train: resume: {change} (applied from optimizer step {self.state.optimizer_step + 1} on)", flush=True)
+
+    def _check_config(self, path: Path) -> list[str]:
+        """Refuse a config change the checkpoint cannot continue; the applied changes, one line each."""
+        try:
+            saved = yaml.safe_load((path / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError) as exc:  # manifest-verified, so only a checkpoint of an old format
+            raise UserError(f"checkpoint {path} has no readable config.yaml ({exc}); resume it with the dist_train that wrote it.") from None
+        return check_changes(saved, self.cfg, str(path))
 
     def _choose(self) -> tuple[str | None, dict | None, str | None]:
         """(path, manifest, error), decided on the main process; hashes are verified here."""
@@ -319,3 +349,6 @@ class Checkpointer:
             raise UserError(f"checkpoint {path} does not fit this run: {str(exc).splitlines()[0]}") from None
         if not own_rng.is_file():
             restore_rng(rng, acc)
+        # Checkpoints sit on optimizer-step boundaries: the next micro-batch starts a step, also when
+        # grad_accum_steps changed since (Accelerate's restored micro-step count would be off by it).
+        acc.step = 0

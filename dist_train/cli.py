@@ -58,8 +58,10 @@ def _train(args) -> int:
     from .loop import train
 
     cfg = load_config(args.config, args.overrides)
-    train(cfg)
-    return 0
+    result = train(cfg)
+    # 0: finished, or preempted and requeued (the job goes on by itself); 128 + signal: stopped by
+    # SIGTERM/SIGUSR1 after saving a checkpoint, not finished: rerun the same command to continue.
+    return result.get("exit_code", 0)
 
 
 def _plot(args) -> int:

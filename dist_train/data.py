@@ -6,6 +6,11 @@ the ranks, so after `n` global micro-batches exactly the first `n x world_size x
 of the permutation have been consumed, whatever the world size. That is what makes N ranks match one
 rank at the same global batch, and a mid-epoch resume, on any world size, continue with exactly the
 samples not yet seen.
+
+The epoch is cut into whole optimizer steps of `batch_size x world_size x grad_accum_steps` samples:
+the last, partial step is completed with the epoch's first samples (as `DistributedSampler` pads),
+or dropped when the user's DataLoader says `drop_last=True`. So every optimizer step averages the
+same number of samples, and 4 micro-batches of b are the one batch of 4b, for any dataset size.
 """
 
 from __future__ import annotations
@@ -24,17 +29,22 @@ from .plugins import check_call, resolve
 
 
 class EpochSampler(Sampler[int]):
-    """Yields `permutation(seed, epoch)[start:]`, padded by wrapping to whole global batches.
+    """Yields `permutation(seed, epoch)[start:]`, cut to whole optimizer steps.
 
-    The padding (the permutation's first samples again, as DistributedSampler and Accelerate do)
-    keeps every rank's batches full so DDP never waits on a rank with nothing left.
+    `step_samples` (batch x ranks x accumulation) is the unit: the epoch's tail is padded by wrapping
+    (the permutation's first samples again) or, with `drop_last`, dropped. Padding keeps every rank's
+    batches full, so DDP never waits on a rank with nothing left, and keeps the last optimizer step
+    as large as the others.
     """
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool, global_batch_size: int):
+    def __init__(self, num_samples: int, seed: int, shuffle: bool, micro_batch_samples: int,
+                 step_samples: int | None = None, drop_last: bool = False):
         self.num_samples = num_samples
         self.seed = seed
         self.shuffle = shuffle
-        self.global_batch_size = global_batch_size
+        self.micro_batch_samples = micro_batch_samples  # one global micro-batch: batch_size x ranks
+        self.step_samples = step_samples or micro_batch_samples
+        self.drop_last = drop_last
         self.epoch = 0
         self.start = 0
         # The loader's own generator: a DataLoader without one draws its workers' base seed from the
@@ -47,6 +57,15 @@ class EpochSampler(Sampler[int]):
         self.epoch, self.start = epoch, samples_consumed
         self.loader_generator.manual_seed((self.seed * 1_000_003 + epoch) ^ 0x5EED_5EED)  # worker seeds: per epoch
 
+    @property
+    def epoch_samples(self) -> int:
+        """Where this iteration ends: the rest of the data from `start` cut (drop_last) or padded to whole
+        optimizer steps. Counted from `start`, so that after a resume with another step size too, every
+        step but none is short."""
+        rest = max(self.num_samples - self.start, 0)
+        steps = rest // self.step_samples if self.drop_last else math.ceil(rest / self.step_samples)
+        return self.start + steps * self.step_samples
+
     def order(self) -> torch.Tensor:
         if not self.shuffle:
             return torch.arange(self.num_samples)
@@ -54,16 +73,15 @@ class EpochSampler(Sampler[int]):
         return torch.randperm(self.num_samples, generator=generator)
 
     def __len__(self) -> int:
-        padded = math.ceil(self.num_samples / self.global_batch_size) * self.global_batch_size
-        return max(padded - self.start, 0)
+        return max(self.epoch_samples - self.start, 0)
 
     def indices(self) -> torch.Tensor:
         """This iteration's sample indices, as one tensor (the fast data path cuts batches from it)."""
         order = self.order()
-        padded_length = self.start + len(self)
-        if padded_length > self.num_samples:
-            order = torch.cat([order, order[: padded_length - self.num_samples]])
-        return order[self.start : padded_length]
+        end = self.epoch_samples
+        while end > len(order):  # padding: wrap around (more than once for a dataset smaller than one step)
+            order = torch.cat([order, order[: end - len(order)]])
+        return order[self.start : max(end, self.start)]
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices().tolist())
@@ -104,12 +122,20 @@ def _with_epoch_sampler(loader: DataLoader, cfg: Config, world_size: int) -> Dat
         )
         return loader
     shuffle = isinstance(loader.sampler, RandomSampler)
-    sampler = EpochSampler(len(loader.dataset), cfg.seed, shuffle, loader.batch_size * world_size)
+    micro_batch_samples = loader.batch_size * world_size
+    sampler = EpochSampler(len(loader.dataset), cfg.seed, shuffle, micro_batch_samples,
+                           micro_batch_samples * cfg.grad_accum_steps, loader.drop_last)
+    if sampler.epoch_samples == 0:
+        raise UserError(
+            f"data: drop_last=True drops the whole training set: {len(loader.dataset)} samples are fewer than one "
+            f"optimizer step ({loader.batch_size} x {world_size} processes x {cfg.grad_accum_steps} accumulation "
+            f"steps = {sampler.step_samples}); lower batch_size or grad_accum_steps, or set drop_last=False."
+        )
     # On a GPU, pinned batches let Accelerate copy them to the device without blocking (non_blocking=True).
     pin_memory = loader.pin_memory or (torch.cuda.is_available() and not cfg.cpu)
     if can_use_fast_path(loader):
         # Tensors in memory: one index_select per tensor per batch, same order (see fastdata.py).
-        batch_sampler = EpochBatchSampler(sampler, loader.batch_size, loader.drop_last)
+        batch_sampler = EpochBatchSampler(sampler, loader.batch_size)
         dataset = TensorBatches(dataset_tensors(loader.dataset), pin_memory=pin_memory)  # gathers into pinned memory itself
         return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=already_batched, generator=sampler.loader_generator)
     return DataLoader(
@@ -119,7 +145,6 @@ def _with_epoch_sampler(loader: DataLoader, cfg: Config, world_size: int) -> Dat
         num_workers=loader.num_workers,
         collate_fn=loader.collate_fn,
         pin_memory=pin_memory,
-        drop_last=loader.drop_last,
         timeout=loader.timeout,
         worker_init_fn=loader.worker_init_fn,
         persistent_workers=loader.persistent_workers,

@@ -6,6 +6,7 @@ import torch
 from accelerate import Accelerator
 
 from .data import split_batch
+from .errors import UserError
 from .plugins import Loss, logits_of
 
 
@@ -49,6 +50,11 @@ def evaluate(model, loader, loss: Loss, accelerator: Accelerator, data_spec: str
         hits += correct.double().sum()
         num_samples += per_sample.numel()
     model.train()
+    if num_samples == 0:
+        raise UserError(
+            f"data: the validation loader from {data_spec!r} yielded no samples (drop_last=True with fewer samples "
+            "than one batch?); give it at least one batch."
+        )
     result = {"val_loss": loss_sum.item() / num_samples, "val_samples": num_samples}
     if classification:
         result["val_accuracy"] = hits.item() / num_samples

@@ -82,20 +82,24 @@ def already_batched(batch):
 
 
 class EpochBatchSampler(Sampler[torch.Tensor]):
-    """`sampler`'s order in index tensors of `batch_size` (the last one shorter unless `drop_last`)."""
+    """`sampler`'s order in index tensors of `batch_size`; never an empty batch.
 
-    def __init__(self, sampler, batch_size: int, drop_last: bool = False):
+    The EpochSampler has already cut the epoch to whole optimizer steps (padding or dropping its tail),
+    so every batch is full except after a resume with another global batch size.
+    """
+
+    def __init__(self, sampler, batch_size: int):
         self.sampler = sampler  # an EpochSampler; `epoch_sampler()` finds it here after prepare
         self.batch_size = batch_size
-        self.drop_last = drop_last
 
     def __len__(self) -> int:
-        count = len(self.sampler) / self.batch_size
-        return math.floor(count) if self.drop_last else math.ceil(count)
+        return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self) -> Iterator[torch.Tensor | list[int]]:
         indices = self.sampler.indices()
-        if len(indices) % self.sampler.global_batch_size == 0:
+        if len(indices) == 0:  # resumed exactly at the end of the epoch's data: nothing left to yield
+            return iter(())
+        if len(indices) % self.sampler.micro_batch_samples == 0:
             batches = indices.split(self.batch_size)
         else:
             # Only after a resume at an offset that is not a whole global batch of this run (the global
@@ -103,6 +107,4 @@ class EpochBatchSampler(Sampler[torch.Tensor]):
             # first indices, list arithmetic that needs lists, as a BatchSampler yields them.
             indices = indices.tolist()
             batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
-            batches = batches[:-1]
         return iter(batches)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 
 from .batch_size import fit_batch_size
@@ -29,16 +29,19 @@ from .checkpoint import Checkpointer
 from .config import Config
 from .data import build_loaders, epoch_sampler, split_batch
 from .errors import UserError
-from .evaluate import evaluate
-from .lean import PLAIN_BACKENDS, LeanOptimizer, can_fuse
-from .metrics import MetricsLogger
+from .lean import LeanOptimizer, can_fuse
+from .metrics import MetricsLogger, check_trackers_installed
+from .nonfinite import NonfiniteGuard
+from .nonfinite import grad_norm as _grad_norm
 from .plot import plot_if_available
 from .plugins import Loss, build_model, build_optimizer
 from .preemption import Preemption
 from .profiling import StepProfiler
-from .schedule import build_scheduler
+from .run_lock import RunLock
+from .schedule import apply_config, build_scheduler
 from .state import TrainState
-from .stopping import EarlyStopping
+from .unused import UnusedParameterCheck
+from .validation import Validator
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -57,7 +60,10 @@ def make_accelerator(cfg: Config) -> Accelerator:
         dynamo_backend="inductor" if cfg.compile else None,
         log_with=[t for t in cfg.log_with] or None,
         project_dir=cfg.output_dir,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s))],
+        kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s)),
+            DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters),
+        ],
     )
     launched_world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched_world_size:
@@ -69,18 +75,22 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return accelerator
 
 
-def _prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
-    out = Path(cfg.output_dir)
+def _prepare_output_dir(cfg: Config, accelerator: Accelerator, teardown: contextlib.ExitStack) -> Path:
+    """The run's output_dir, writable and locked for this run alone (by the main process)."""
+    out, error = Path(cfg.output_dir), None
     if accelerator.is_main_process:
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            teardown.enter_context(RunLock(out))  # before anything is read or written there
             probe = out / ".write_test"
             probe.write_text("ok")
             probe.unlink()
+        except UserError as exc:
+            error = str(exc)
         except OSError as exc:
-            raise UserError(f"output_dir {cfg.output_dir!r} cannot be written ({exc.strerror}); choose another output_dir.") from None
-        (out / "config.yaml").write_text(cfg.to_yaml())
-    accelerator.wait_for_everyone()
+            error = f"output_dir {cfg.output_dir!r} cannot be written ({exc.strerror}); choose another output_dir."
+    error = broadcast_object_list([error])[0]  # every rank stops, not only the main process
+    if error:
+        raise UserError(error)
     return out
 
 
@@ -109,32 +119,17 @@ def _epoch_limit(cfg: Config) -> float:
     return math.inf if cfg.max_steps is not None or cfg.fast_dev_run else cfg.epochs
 
 
-def _grad_norm(accelerator: Accelerator, parameters: list, max_grad_norm: float | None) -> torch.Tensor:
-    """The global gradient norm, clipped to `max_grad_norm` when set (Accelerate unscales fp16 first)."""
-    if max_grad_norm is not None or accelerator.distributed_type not in PLAIN_BACKENDS:
-        # (FSDP shards the gradients and DeepSpeed owns them: only Accelerate knows their global norm.)
-        return accelerator.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm is not None else math.inf)
-    # Nothing to clip: only the norm (clipping to inf would still multiply every gradient by 1).
-    accelerator.unscale_gradients()
-    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
-
-
-def _nonfinite_error(accelerator: Accelerator, step_loss: torch.Tensor, state: TrainState, batch_index: int, cfg: Config) -> UserError:
-    # All ranks get here together (the gradient norm is the same on every rank after the all-reduce),
-    # so gathering which ranks saw a non-finite loss is a safe collective.
-    bad = accelerator.gather((~torch.isfinite(step_loss)).reshape(1).int())
-    ranks = [rank for rank, flag in enumerate(bad.tolist()) if flag] or "none (the loss was finite; a gradient was not)"
-    return UserError(
-        f"Non-finite loss or gradient at optimizer step {state.optimizer_step + 1} (epoch {state.epoch}, "
-        f"batch {batch_index}) on rank(s) {ranks}. Existing checkpoints in {cfg.output_dir} are untouched. "
-        "Lower lr, set max_grad_norm, or set on_nonfinite: skip to drop such updates."
-    )
-
-
 def train(cfg: Config) -> dict:
-    """Run the configured training; return the last validation record."""
+    """Run the configured training; return the last validation record (or, when preempted, where it saved)."""
+    with contextlib.ExitStack() as teardown:  # every exit, normal, preempted or failed, closes what it opened
+        return _train(cfg, teardown)
+
+
+def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
+    check_trackers_installed(cfg.log_with)  # Accelerate itself would only warn and drop a missing one
     accelerator = make_accelerator(cfg)
-    out = _prepare_output_dir(cfg, accelerator)
+    teardown.callback(lambda: _end_trackers(accelerator))
+    out = _prepare_output_dir(cfg, accelerator, teardown)
 
     loss_fn = Loss(cfg.loss)
     # With auto_batch_size, cfg comes back with the batch size that fits on every rank (saved to config.yaml).
@@ -150,129 +145,112 @@ def train(cfg: Config) -> dict:
     accelerator.register_for_checkpointing(state)
     checkpointer = Checkpointer(cfg, accelerator, state)
     checkpointer.resume()  # before anything reads `state` (progress bar, profiler, the stop test)
-    preemption = Preemption(accelerator)  # SIGUSR1/SIGTERM only set a flag; acted on between steps
+    apply_config(optimizer.stepped, scheduler.scheduler, cfg)  # a resumed run follows this config's lr, not the checkpoint's
+    if accelerator.is_main_process:  # only now: a refused resume leaves the previous run's config.yaml as it was
+        (out / "config.yaml").write_text(cfg.to_yaml())  # the config that runs (auto_batch_size's size included)
+    preemption = teardown.enter_context(Preemption(accelerator))  # SIGUSR1/SIGTERM only set a flag; acted on between steps
 
-    metrics = MetricsLogger(cfg, accelerator, resumed_step=state.optimizer_step)
-    early_stopping = EarlyStopping(cfg)
-    global_batch_size = cfg.batch_size * accelerator.num_processes
-    max_batches = cfg.fast_dev_run or None
-    progress = tqdm(
+    metrics = teardown.enter_context(MetricsLogger(cfg, accelerator, resumed_step=state.optimizer_step))
+    validator = Validator(cfg, accelerator, model, val_loader, loss_fn, metrics)
+    guard = NonfiniteGuard(cfg, accelerator, model)
+    unused = UnusedParameterCheck(cfg, accelerator, model)
+    micro_batch_samples = cfg.batch_size * accelerator.num_processes
+    progress = teardown.enter_context(tqdm(
         total=total_steps, initial=state.optimizer_step, unit="step", dynamic_ncols=True,
         disable=not (accelerator.is_main_process and cfg.progress and os.isatty(1)),
-    )
-    anomaly = torch.autograd.detect_anomaly() if cfg.detect_anomaly else contextlib.nullcontext()
-    profiler = StepProfiler(cfg.profile_steps, out, accelerator.process_index, accelerator.device)
-    last_eval: dict = {}
+    ))
+    teardown.enter_context(torch.autograd.detect_anomaly() if cfg.detect_anomaly else contextlib.nullcontext())
+    profiler = teardown.enter_context(StepProfiler(cfg.profile_steps, out, accelerator.process_index, accelerator.device))
+    profiler.start_at(state.optimizer_step)
 
-    with anomaly, profiler:
-        profiler.start_at(state.optimizer_step)
-        stop = state.epoch >= _epoch_limit(cfg) or state.optimizer_step >= total_steps or early_stopping.should_stop(state)
-        while not stop:
-            model.train()
-            if sampler is not None:
-                sampler.set_position(state.epoch, state.samples_consumed)
-            step_loss = torch.zeros((), device=accelerator.device)
-            for batch_index, batch in enumerate(train_loader):
-                inputs, targets = split_batch(batch, cfg.data)
-                with accelerator.accumulate(model):
-                    outputs = model(inputs)
-                    loss = loss_fn(outputs, targets)
-                    accelerator.backward(loss)
-                    metrics.observe(loss, inputs)
-                    step_loss += loss.detach()
-                    state.samples_consumed += global_batch_size
-                    if accelerator.sync_gradients:
-                        grad_norm = _grad_norm(accelerator, parameters, cfg.max_grad_norm)
-                        # One host read per optimizer step, kept on purpose: the update must be dropped (skip)
-                        # or the run stopped (stop) before optimizer.step() applies it. On CPU it is no sync
-                        # at all; on a GPU it costs one launch latency per step (bench/RESULTS.md). The norm
-                        # is identical on every rank after DDP's all-reduce: all ranks take the same branch.
-                        finite = cfg.mixed_precision == "fp16" or bool(torch.isfinite(grad_norm))
-                        if not finite and cfg.on_nonfinite == "stop":
-                            raise _nonfinite_error(accelerator, step_loss, state, batch_index, cfg)
-                    # Accelerate turns step and zero_grad into no-ops between accumulation boundaries;
-                    # zero_grad comes after step so the micro-batches of one step add up.
-                    if not accelerator.sync_gradients or finite:
-                        optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if not accelerator.sync_gradients:
-                    continue
+    stop = state.epoch >= _epoch_limit(cfg) or state.optimizer_step >= total_steps or validator.should_stop(state)
+    if stop and accelerator.is_main_process:
+        print(f"dist_train: nothing to train: the run in {out} is finished at optimizer step {state.optimizer_step} "
+              "(raise epochs or max_steps to continue it)", flush=True)
+    while not stop:
+        model.train()
+        if sampler is not None:
+            sampler.set_position(state.epoch, state.samples_consumed)
+        step_loss = torch.zeros((), device=accelerator.device)
+        for batch_index, batch in enumerate(train_loader):
+            inputs, targets = split_batch(batch, cfg.data)
+            with accelerator.accumulate(model):
+                guard.before_forward()
+                outputs = model(inputs)
+                loss = loss_fn(outputs, targets)
+                accelerator.backward(loss)
+                unused.after_backward()
+                metrics.observe(loss, inputs)
+                step_loss += loss.detach()
+                state.samples_consumed += micro_batch_samples
+                if accelerator.sync_gradients:
+                    grad_norm = _grad_norm(accelerator, parameters, cfg.max_grad_norm)
+                    finite = guard.update_is_finite(grad_norm, step_loss, state, batch_index)
+                # Accelerate turns step and zero_grad into no-ops between accumulation boundaries;
+                # zero_grad comes after step so the micro-batches of one step add up.
+                if not accelerator.sync_gradients or finite:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
 
-                # ---- an optimizer step has completed ----
-                step_loss.zero_()
-                lr = scheduler.get_last_lr()[0]  # the rate this step used; scheduler.step() sets the next one
-                if not finite:
-                    state.nonfinite_skipped += 1
-                elif accelerator.optimizer_step_was_skipped:
-                    state.overflow_skipped += 1  # fp16 overflow: the scaler skipped; so does the schedule
-                else:
-                    scheduler.step()
-                state.optimizer_step += 1
-                profiler.step(state.optimizer_step)
-                progress.update(1)
-                record = metrics.log_step(state, lr, grad_norm)
-                if record is not None:
-                    progress.set_postfix(loss=f"{record['train_loss']:.4g}", lr=f"{record['lr']:.3g}", samples_s=f"{record['samples_per_s']:.0f}")
-                stop = state.optimizer_step >= total_steps
-                if cfg.eval_every and state.optimizer_step % cfg.eval_every == 0:
-                    last_eval, stop_early = _validate(model, val_loader, loss_fn, accelerator, cfg, state, metrics, early_stopping, max_batches)
-                    stop = stop or stop_early
-                with metrics.untimed():
-                    checkpointer.save_if_due(epoch_end=False, record=last_eval)
-                # An epoch's last step is left to the epoch-end check, so a resume never starts in an empty remainder.
-                if not stop and not accelerator.gradient_state.end_of_dataloader and preemption.requested():
-                    train_loader.end()
-                    return _leave_for_requeue(accelerator, checkpointer, preemption, progress, metrics)
-                if stop:
-                    train_loader.end()  # leaving mid-epoch: tell Accelerate's gradient state this loader is done
-                    break
-            epoch_finished = not stop
-
-            if last_eval.get("step") != state.optimizer_step:
-                last_eval, stop_early = _validate(model, val_loader, loss_fn, accelerator, cfg, state, metrics, early_stopping, max_batches)
-                stop = stop or stop_early
-            if epoch_finished:
-                # The next epoch starts at the beginning of its own order.
+            # ---- the step boundary: the one place where the run's position moves and decisions are made ----
+            step_loss.zero_()
+            lr = scheduler.get_last_lr()[0]  # the rate this step used; scheduler.step() sets the next one
+            if not finite:
+                state.nonfinite_skipped += 1
+            elif accelerator.optimizer_step_was_skipped:
+                state.overflow_skipped += 1  # fp16 overflow: the scaler skipped; so does the schedule
+            else:
+                scheduler.step()
+            state.optimizer_step += 1
+            epoch_ended = accelerator.gradient_state.end_of_dataloader
+            last_step = state.optimizer_step >= total_steps or (epoch_ended and state.epoch + 1 >= _epoch_limit(cfg))
+            profiler.step(state.optimizer_step)
+            progress.update(1)
+            record = metrics.log_step(state, lr, grad_norm)
+            if record is not None:
+                progress.set_postfix(loss=f"{record['train_loss']:.4g}", lr=f"{record['lr']:.3g}", samples_s=f"{record['samples_per_s']:.0f}")
+            stop = validator.after_step(state, epoch_ended=epoch_ended, last_step=last_step) or last_step
+            if epoch_ended:  # the position after an epoch's last step is the start of the next epoch
                 state.epoch, state.samples_consumed = state.epoch + 1, 0
-            stop = stop or state.epoch >= _epoch_limit(cfg)
             with metrics.untimed():
-                checkpointer.save_if_due(epoch_end=True, record=last_eval)
+                checkpointer.save_if_due(epoch_ended=epoch_ended, last_step=stop, record=validator.last)
             if not stop and preemption.requested():
-                return _leave_for_requeue(accelerator, checkpointer, preemption, progress, metrics)
+                if not epoch_ended:
+                    train_loader.end()  # leaving mid-epoch: tell Accelerate's gradient state this loader is done
+                return _leave_for_requeue(checkpointer, preemption, validator.last)
+            if stop or epoch_ended:
+                if not epoch_ended:
+                    train_loader.end()
+                break
+        else:
+            # The loader had nothing left (a checkpoint at the very end of an epoch's data, written by an
+            # older dist_train or with another global batch): that epoch is over.
+            if state.samples_consumed == 0:
+                raise UserError(f"data: the training loader from {cfg.data!r} yielded no batch for epoch {state.epoch}.")
+            state.epoch, state.samples_consumed = state.epoch + 1, 0
+            stop = state.epoch >= _epoch_limit(cfg)
 
-    progress.close()
-    metrics.close()
     if not cfg.fast_dev_run:
-        # compile: true wraps the prepared model once more; its keys would gain an `_orig_mod.` prefix.
-        accelerator.save_model(getattr(model, "_orig_mod", model), out, safe_serialization=True)
+        checkpointer.save_final(model)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         plot_if_available(out)  # curves.png, when matplotlib is installed
-        summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in last_eval.items())
-        print(f"dist_train: finished at optimizer step {state.optimizer_step}: {summary}")
+        summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in validator.last.items())
+        print(f"dist_train: finished at optimizer step {state.optimizer_step}" + (f": {summary}" if summary else ""))
         print(f"dist_train: outputs in {out.resolve()} (config.yaml, metrics.jsonl, model.safetensors)")
-    preemption.close()
+    return validator.last
+
+
+def _end_trackers(accelerator: Accelerator) -> None:
+    # `accelerator.end_training()` finishes the trackers and destroys the process group, last of all.
     accelerator.end_training()
-    return last_eval
 
 
-def _leave_for_requeue(accelerator, checkpointer, preemption, progress, metrics) -> dict:
-    """Preempted (all ranks agree): checkpoint now, requeue under SLURM, and end the run with exit 0."""
-    path = checkpointer.save()
-    preemption.requeue()
-    progress.close()
-    metrics.close()
-    preemption.close()
-    accelerator.end_training()
-    return {"preempted": preemption.signal_name or "another rank", "checkpoint": str(path)}
-
-
-def _validate(model, val_loader, loss_fn, accelerator, cfg, state, metrics, early_stopping, max_batches) -> tuple[dict, bool]:
-    """One validation pass, logged; returns the record and early stopping's verdict, agreed by all ranks."""
-    with metrics.untimed():
-        val_metrics = evaluate(model, val_loader, loss_fn, accelerator, cfg.data, max_batches)
-    record = metrics.log_eval(state, val_metrics)
-    early_stopping.update(state, record)
-    if early_stopping.should_stop(state):
-        accelerator.set_trigger()
-    return record, accelerator.check_trigger()
+def _leave_for_requeue(checkpointer: Checkpointer, preemption: Preemption, last_eval: dict) -> dict:
+    """Preempted (all ranks agree): checkpoint now, requeue under SLURM; the exit status says whether it will go on."""
+    path = checkpointer.save(last_eval)
+    requeued = preemption.requeue()
+    return {"preempted": preemption.signal_name or "another rank", "checkpoint": str(path), "requeued": requeued,
+            "exit_code": 0 if requeued else preemption.exit_code}

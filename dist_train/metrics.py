@@ -168,6 +168,12 @@ class MetricsLogger:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
 
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def close(self) -> None:
         # Only the trackers: `accelerator.end_training()` would also destroy the process group the loop still uses.
         for tracker in self.accelerator.trackers:

@@ -29,6 +29,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import broadcast_object_list
 
 # Agreed flag values; the largest wins across ranks: a requeue request beats a plain stop.
 _NONE, _STOP, _REQUEUE = 0, 1, 2
@@ -88,10 +89,17 @@ class Preemption:
         self._work = dist.all_reduce(self._buffer, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
         return False
 
-    def requeue(self) -> None:
-        """`scontrol requeue` this job (array task aware) on the main process, if USR1 asked for it."""
+    @property
+    def exit_code(self) -> int:
+        """The status of a run that stopped here without being requeued: 128 + the signal, as a shell
+        reports a process that signal ended, so a caller never takes an unfinished run for a finished one."""
+        return 128 + (signal.SIGUSR1 if self.action == _REQUEUE else signal.SIGTERM)
+
+    def requeue(self) -> bool:
+        """`scontrol requeue` this job (array task aware) if USR1 asked for it; whether it was requeued (all ranks)."""
         acc = self.accelerator
         job = slurm_job_id()
+        requeued = False
         if acc.is_main_process:
             if self.action != _REQUEUE:
                 print("dist_train: stopped by SIGTERM after saving a checkpoint; not requeueing", flush=True)
@@ -99,18 +107,26 @@ class Preemption:
                 print("dist_train: preempted: checkpoint saved; not under SLURM, so resubmit the same command to resume", flush=True)
             else:
                 result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-                if result.returncode == 0:
+                requeued = result.returncode == 0
+                if requeued:
                     print(f"dist_train: checkpoint saved; requeued SLURM job {job} (it resumes with resume: auto)", flush=True)
                 else:
                     print(f"dist_train: warning: `scontrol requeue {job}` failed ({result.stderr.strip()}); "
                           "the checkpoint is saved, resubmit to resume", file=sys.stderr, flush=True)
-        acc.wait_for_everyone()
+        return bool(broadcast_object_list([requeued])[0])
 
-    def close(self) -> None:
+    def __enter__(self) -> "Preemption":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.close(wait=exc_type is None)  # after an error another rank may never finish the round
+
+    def close(self, wait: bool = True) -> None:
         """Finish the round in flight and restore the previous handlers (tests call train() in-process)."""
-        if self._work is not None:
+        if self._work is not None and wait:
             self._work.wait()  # every rank has exactly one round in flight here
             self._work = None
+        self._work = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}

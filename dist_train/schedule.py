@@ -25,3 +25,21 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: 
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, cfg.lr_schedule, cfg.warmup_steps, total_steps)
     )
+
+
+def apply_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: Config) -> None:
+    """Make the (resumed) optimizer and schedule follow `cfg`: its lr, weight decay and momentum.
+
+    A checkpoint carries the hyper-parameters its run had in the optimizer's param groups and the
+    scheduler's base rates; without this, a run continued with a new `lr` would keep the old one while
+    config.yaml claims the new. The schedule (warmup, decay, the step budget) is a function of the
+    optimizer step and the current config, so the next step's rate is recomputed from it here.
+    """
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for group, multiplier in zip(optimizer.param_groups, (f(scheduler.last_epoch) for f in scheduler.lr_lambdas)):
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * multiplier
+        group["weight_decay"] = cfg.weight_decay
+        if "momentum" in group:
+            group["momentum"] = cfg.momentum
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -233,7 +233,7 @@ def test_lifecycle_keep_last_keep_best_auto_and_corrupt_checkpoints(project, tmp
     kept = sorted(read_manifest(p)["step"] for p in (out / "checkpoints").glob("step_*"))
     assert kept == sorted({best_step, 12, 16}) and best_step < 12
     manifest = verify(out / "checkpoints" / "step_00000016")
-    assert manifest["epoch"] == 3 and manifest["world_size"] == 1 and manifest["versions"]["torch"] == torch.__version__
+    assert manifest["epoch"] == 4 and manifest["samples_consumed"] == 0 and manifest["world_size"] == 1 and manifest["versions"]["torch"] == torch.__version__
     assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl", "config.yaml"} <= manifest["files"].keys()
     final = load_weights(out)
 

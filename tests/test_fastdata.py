@@ -65,7 +65,7 @@ def test_same_batches_as_the_regular_path_across_epochs_and_a_mid_epoch_start(tm
 def test_accelerate_shards_the_same_indices_to_each_rank(samples_consumed):
     """Accelerate's BatchSamplerShard (2 ranks, even_batches) over both samplers: the same batches per rank."""
     world_size, batch_size = 2, 4
-    sampler = EpochSampler(37, seed=3, shuffle=True, global_batch_size=world_size * batch_size)
+    sampler = EpochSampler(37, seed=3, shuffle=True, micro_batch_samples=world_size * batch_size)
     sampler.set_position(1, samples_consumed)
     for rank in range(world_size):
         fast = BatchSamplerShard(EpochBatchSampler(sampler, batch_size), world_size, rank, even_batches=True)

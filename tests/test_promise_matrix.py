@@ -287,13 +287,6 @@ def test_a_resume_at_every_step_boundary_continues_the_epoch(setup, salt, fast):
                 assert len(combined) - setup.num_samples < max(setup.step_samples, resumed.step_samples)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "dist_train gap: EpochSampler.epoch_samples rounds num_samples, not num_samples - start, to whole "
-    "steps, so after a resume with another optimizer step size (batch x ranks x accumulation) what is "
-    "left of the epoch is not whole steps: its last optimizer step is short (and Accelerate still divides "
-    "each micro-batch's loss by grad_accum_steps). Minimal: 2 samples, checkpoint after 1 step of 1 sample "
-    "(batch 1, 1 rank, accumulation 1), resumed with accumulation 2: one step of 1 micro-batch, not 2."
-))
 def test_after_a_resize_every_optimizer_step_is_whole():
     setup = Setup(num_samples=2, seed=0, shuffle=False, drop_last=False, epoch=0, batch_size=1, world_size=1, grad_accum_steps=1)
     resumed = setup.on(1, 1, 2)

@@ -1,0 +1,43 @@
+"""The validation policy: when to validate, and early stopping's verdict, agreed by all ranks.
+
+The loop calls `after_step` once per optimizer step; this component decides whether a validation is
+due: at every epoch end, every `eval_every` steps, and at the run's last step (so the final weights
+always have a validation record).
+"""
+
+from __future__ import annotations
+
+from accelerate import Accelerator
+
+from .config import Config
+from .evaluate import evaluate
+from .metrics import MetricsLogger
+from .plugins import Loss
+from .state import TrainState
+from .stopping import EarlyStopping
+
+
+class Validator:
+    def __init__(self, cfg: Config, accelerator: Accelerator, model, val_loader, loss_fn: Loss, metrics: MetricsLogger):
+        self.cfg, self.accelerator = cfg, accelerator
+        self.model, self.val_loader, self.loss_fn, self.metrics = model, val_loader, loss_fn, metrics
+        self.early_stopping = EarlyStopping(cfg)
+        self.max_batches = cfg.fast_dev_run or None
+        self.last: dict = {}  # the newest validation record
+
+    def should_stop(self, state: TrainState) -> bool:
+        """Early stopping's verdict, from the counters in `state` (a resumed run that had stopped stays stopped)."""
+        return self.early_stopping.should_stop(state)
+
+    def after_step(self, state: TrainState, *, epoch_ended: bool, last_step: bool) -> bool:
+        """Validate if due at this optimizer step; return True when early stopping says to stop (all ranks agree)."""
+        every = self.cfg.eval_every
+        if not (epoch_ended or last_step or (every and state.optimizer_step % every == 0)):
+            return False
+        with self.metrics.untimed():
+            values = evaluate(self.model, self.val_loader, self.loss_fn, self.accelerator, self.cfg.data, self.max_batches)
+        self.last = self.metrics.log_eval(state, values)
+        self.early_stopping.update(state, self.last)
+        if self.early_stopping.should_stop(state):
+            self.accelerator.set_trigger()
+        return self.accelerator.check_trigger()
