@@ -25,7 +25,7 @@ from accelerate.utils import find_executable_batch_size
 from accelerate.utils.memory import should_reduce_batch_size
 
 from .config import Config
-from .data import split_batch
+from .batches import batch_size_of, call_model, split_batch
 from .errors import UserError
 
 
@@ -37,15 +37,15 @@ def _probe(accelerator: Accelerator, model, optimizer, train_loader, loss_fn, cf
     with torch.random.fork_rng(devices=devices), accelerator.no_sync(model):
         batch = next(iter(train_loader))
         train_loader.end()  # left after one batch: tell Accelerate's gradient state this loader is done
-        inputs, targets = split_batch(batch, cfg.data)
-        samples = targets.shape[0] if isinstance(targets, torch.Tensor) else len(targets)
+        inputs, targets = split_batch(batch, cfg.data, loss_fn.model_computes)
+        samples = batch_size_of(inputs, targets)
         if samples > cfg.batch_size:
             raise UserError(
                 f"auto_batch_size: the training loader yields batches of {samples}, not batch_size {cfg.batch_size}; "
                 "build the DataLoader in get_dataloader with batch_size=cfg.batch_size so the size can shrink."
             )
         try:
-            accelerator.backward(loss_fn(model(inputs), targets))
+            accelerator.backward(loss_fn(call_model(model, inputs), targets))
         except Exception as exc:  # noqa: BLE001 - anything that is not an OOM is re-raised
             if not should_reduce_batch_size(exc):
                 raise

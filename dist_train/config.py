@@ -41,7 +41,7 @@ class Config:
     model_args: dict = _opt({}, "Keyword arguments passed to `model`.")
     data: str = _opt(DEFAULT_DATA, "Import string of `get_dataloader(cfg, train) -> DataLoader` (or `-> Dataset`, then dist_train builds the loaders).")
     data_args: dict = _opt({}, "Extra attributes of the `cfg` handed to `data` (e.g. `data_path`).")
-    loss: str = _opt("cross_entropy", "`cross_entropy`, `mse`, or the import string of `(outputs, targets) -> loss`.")
+    loss: str = _opt("cross_entropy", "`cross_entropy`, `mse`, `model` (the loss the model returns, e.g. a transformers model given `labels`), or the import string of `(outputs, targets) -> loss`.")
 
     # --- optimisation --------------------------------------------------------------------------
     optimizer: str = _opt("adamw", "Optimizer.", choices=("adam", "adamw", "sgd"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
-from .data import split_batch
+from .batches import batch_size_of, call_model, split_batch
 from .errors import UserError
 from .plugins import Loss, logits_of
 
@@ -14,11 +14,32 @@ def _is_classification(loss: Loss, outputs, targets) -> bool:
     if loss.is_classification:
         return True
     return (
+        not loss.model_computes and
         isinstance(outputs, torch.Tensor)
         and isinstance(targets, torch.Tensor)
         and not targets.is_floating_point()
         and outputs.ndim == targets.ndim + 1
     )
+
+
+def _padded_round(accelerator: Accelerator) -> bool:
+    """Whether this is the last round of batches and Accelerate padded it (the same answer on every rank)."""
+    state = accelerator.gradient_state
+    return accelerator.num_processes > 1 and state.end_of_dataloader and state.remainder > 0
+
+
+def _real_rows(accelerator: Accelerator, size: int) -> int:
+    """Rows of this rank's last batch that `gather_for_metrics` keeps: the first `remainder` rows of the
+    ranks' batches concatenated in rank order."""
+    return min(max(accelerator.gradient_state.remainder - accelerator.process_index * size, 0), size)
+
+
+def _rows(value, count: int):
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return {k: _rows(v, count) for k, v in value.items()}
+    return value[:count] if isinstance(value, torch.Tensor) and value.ndim else value
 
 
 @torch.no_grad()
@@ -27,7 +48,9 @@ def evaluate(model, loader, loss: Loss, accelerator: Accelerator, data_spec: str
 
     Per-sample values are gathered with `gather_for_metrics`, which drops the duplicates Accelerate
     pads the last batch with, and summed in float64: the result equals a single process's mean over
-    the same set up to float32 rounding of the individual losses.
+    the same set up to float32 rounding of the individual losses. A loss that is one mean per batch
+    (e.g. the one a model computes) counts once per sample of its batch; in a padded last batch it is
+    recomputed over the real rows, so the duplicates never weigh in.
     """
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
@@ -38,9 +61,17 @@ def evaluate(model, loader, loss: Loss, accelerator: Accelerator, data_spec: str
         if max_batches is not None and batch_index >= max_batches:
             loader.end()  # leaving early: tell Accelerate's gradient state this loader is done
             break
-        inputs, targets = split_batch(batch, data_spec)
-        outputs = model(inputs)
-        per_sample = loss.per_sample(outputs, targets)
+        inputs, targets = split_batch(batch, data_spec, loss.model_computes)
+        outputs = call_model(model, inputs)
+        size = batch_size_of(inputs, targets)
+        per_sample = loss.per_sample(outputs, targets, size)
+        if _padded_round(accelerator) and not loss.returns_per_sample(outputs, targets):
+            # A batch mean over the last round, which Accelerate padded with duplicates: the mean of this
+            # rank's real rows alone, from one more forward that every rank makes (DDP/FSDP forwards are
+            # collective); on a rank with no real row its value is dropped by gather_for_metrics anyway.
+            kept = max(_real_rows(accelerator, size), 1)
+            mean = loss.per_sample(call_model(model, _rows(inputs, kept)), _rows(targets, kept), kept)[0]
+            per_sample = mean.expand(size).contiguous()
         if classification is None:
             classification = _is_classification(loss, outputs, targets)
         # Per sample, like the loss: the fraction of its predictions (one, or one per token) that are right.

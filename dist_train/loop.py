@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from .batch_size import fit_batch_size
 from .checkpoint import Checkpointer
 from .config import Config
-from .data import build_loaders, epoch_sampler, split_batch
+from .batches import call_model, split_batch
+from .data import build_loaders, epoch_sampler
 from .errors import UserError
 from .lean import LeanOptimizer, can_fuse
 from .metrics import MetricsLogger, check_trackers_installed
@@ -173,10 +174,10 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
             sampler.set_position(state.epoch, state.samples_consumed)
         step_loss = torch.zeros((), device=accelerator.device)
         for batch_index, batch in enumerate(train_loader):
-            inputs, targets = split_batch(batch, cfg.data)
+            inputs, targets = split_batch(batch, cfg.data, loss_fn.model_computes)
             with accelerator.accumulate(model):
                 guard.before_forward()
-                outputs = model(inputs)
+                outputs = call_model(model, inputs)  # model(inputs), or model(**batch) for a dict batch
                 loss = loss_fn(outputs, targets)
                 accelerator.backward(loss)
                 unused.after_backward()

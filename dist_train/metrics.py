@@ -18,6 +18,7 @@ import accelerate
 import torch
 from accelerate import Accelerator
 
+from .batches import batch_size_of, token_ids
 from .config import Config
 from .errors import UserError
 from .state import TrainState
@@ -115,10 +116,10 @@ class MetricsLogger:
         """Account one micro-batch (on this rank); no host sync."""
         self._interval_loss.add(loss)
         self._eval_loss.add(loss)
-        if isinstance(inputs, torch.Tensor):
-            self._samples += inputs.shape[0]
-            if not inputs.is_floating_point():  # token ids: count tokens too
-                self._tokens += inputs.numel()
+        self._samples += batch_size_of(inputs, None)
+        ids = token_ids(inputs)
+        if ids is not None:  # token ids: count tokens too
+            self._tokens += ids.numel()
 
     def log_step(self, state: TrainState, lr: float, grad_norm: torch.Tensor | None) -> dict | None:
         """Called once per optimizer step; writes a record every `log_every` steps and returns it."""

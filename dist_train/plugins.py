@@ -95,6 +95,20 @@ def _cross_entropy_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> t
 
 
 BUILTIN_LOSSES = {"cross_entropy": _cross_entropy_per_sample, "mse": _mse_per_sample}
+MODEL_LOSS = "model"  # `loss: model`: the loss the model returns (transformers models, given `labels`)
+
+
+def loss_of(outputs, targets=None) -> torch.Tensor:
+    """The loss a model returned: `outputs.loss`, `outputs["loss"]`, or the first element of a tuple."""
+    value = outputs.get("loss") if isinstance(outputs, dict) else getattr(outputs, "loss", None)
+    if value is None and isinstance(outputs, (tuple, list)) and outputs:
+        value = outputs[0]
+    if not isinstance(value, torch.Tensor):
+        raise UserError(
+            f"loss: model, but the model returned a {type(outputs).__name__} without a `loss` tensor; a transformers "
+            "model returns one when the batch has `labels`. Add labels to the batch, or name a loss function."
+        )
+    return value
 
 
 def logits_of(outputs) -> torch.Tensor:
@@ -125,19 +139,31 @@ class Loss:
     def __init__(self, spec: str):
         self.spec = spec
         self.is_classification = spec == "cross_entropy"
+        self.model_computes = spec == MODEL_LOSS
         builtin = BUILTIN_LOSSES.get(spec)
         # Built-in losses take the logits out of an output object; a user loss gets the outputs as returned.
-        self._fn = (lambda outputs, targets: builtin(logits_of(outputs), targets)) if builtin else resolve(spec, "loss")
+        if self.model_computes:
+            self._fn = loss_of
+        elif builtin:
+            self._fn = lambda outputs, targets: builtin(logits_of(outputs), targets)
+        else:
+            self._fn = resolve(spec, "loss")
 
     def __call__(self, outputs, targets) -> torch.Tensor:
         value = self._fn(outputs, targets)
         return value.mean() if value.ndim else value
 
-    def per_sample(self, outputs, targets) -> torch.Tensor:
+    def returns_per_sample(self, outputs, targets) -> bool:
+        """Whether this loss gives one value per sample (else one mean per batch). Decided once, at the first call."""
+        if not hasattr(self, "_per_sample"):
+            self._per_sample = self._fn(outputs, targets).ndim > 0
+        return self._per_sample
+
+    def per_sample(self, outputs, targets, batch: int) -> torch.Tensor:
         """One value per sample, shape (batch,): a loss with more dimensions (e.g. one per token) is
-        averaged over all but the first, so `gather_for_metrics` can drop padded samples exactly."""
+        averaged over all but the first, so `gather_for_metrics` can drop padded samples exactly. A
+        scalar (a batch mean, e.g. the loss a model computes) counts once for each sample of its batch."""
         value = self._fn(outputs, targets)
-        batch = targets.shape[0] if isinstance(targets, torch.Tensor) else len(targets)
         if not value.ndim:
             return value.float().expand(batch)
         if value.shape[0] != batch:

@@ -1,0 +1,114 @@
+"""Hugging Face style batches: a tokenized `datasets` dataset from local files, dict batches passed as
+`model(**batch)`, the model's own loss (`loss: model`) or a built-in one on `labels`, on 1 and 2 ranks,
+with the validation loss the exact per-sample mean."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import load_weights, run_cli, val_records
+
+pytest.importorskip("transformers")
+pytest.importorskip("datasets")
+
+TINY_BERT = {"vocab_size": 16, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+             "max_position_embeddings": 8, "num_labels": 2, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+WORDS = ["red", "green", "blue", "cat", "dog", "bird", "runs", "sleeps", "eats", "big", "small", "old"]
+
+PROJECT = '''
+import datasets
+from transformers import BertConfig, BertForSequenceClassification
+
+WORDS = {words!r}
+
+def make_model(**config):
+    return BertForSequenceClassification(BertConfig(**config))
+
+def tokenize(example):
+    ids = [2 + WORDS.index(w) for w in example["text"].split()][:8]
+    pad = 8 - len(ids)
+    return {{"input_ids": ids + [0] * pad, "attention_mask": [1] * len(ids) + [0] * pad, "labels": example["label"]}}
+
+def get_dataset(cfg, train):
+    """A tokenized `datasets` dataset read from local jsonl files: dict samples, no DataLoader of our own."""
+    split = datasets.load_dataset("json", data_files=cfg.files, split="train" if train else "validation")
+    return split.map(tokenize, remove_columns=["text", "label"]).with_format("torch")
+'''
+
+
+def _write_files(folder: Path) -> dict:
+    g = torch.Generator().manual_seed(0)
+    files = {}
+    for split, count in (("train", 50), ("validation", 19)):
+        lines = []
+        for _ in range(count):
+            length = int(torch.randint(3, 9, (1,), generator=g))
+            words = [WORDS[int(i)] for i in torch.randint(0, len(WORDS), (length,), generator=g)]
+            lines.append(json.dumps({"text": " ".join(words), "label": int(words.count("cat") + words.count("dog") > 0)}))
+        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+        files[split] = str(folder / f"{split}.jsonl")
+    return files
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("hf")
+    (folder / "hf_project.py").write_text(PROJECT.format(words=WORDS))
+    (folder / "files.json").write_text(json.dumps(_write_files(folder)))
+    return folder
+
+
+def _args(project: Path, out: Path, *extra: str) -> list[str]:
+    files = json.loads((project / "files.json").read_text())
+    return [f"model={project / 'hf_project.py'}:make_model", f"model_args={json.dumps(TINY_BERT)}",
+            f"data={project / 'hf_project.py'}:get_dataset", f"data_args={json.dumps({'files': files})}",
+            "optimizer=sgd", "lr=0.2", "epochs=2", "progress=false", "resume=never", "log_every=1",
+            f"output_dir={out}", *extra]
+
+
+def _reference_val_loss(project: Path, out: Path) -> float:
+    """The mean cross-entropy over all 19 validation samples, in one pass, from the saved weights."""
+    spec = importlib.util.spec_from_file_location("hf_ref", project / "hf_project.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.make_model(**TINY_BERT)
+    model.load_state_dict(load_weights(out), strict=False)  # (position_ids buffers are not saved)
+    model.eval()
+    import types
+
+    data = module.get_dataset(types.SimpleNamespace(files=json.loads((project / "files.json").read_text())), False)
+    batch = data[:]
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(logits, batch["labels"]).item()
+
+
+@pytest.mark.parametrize("loss", ["model", "cross_entropy"])
+def test_dict_batches_train_with_the_models_loss_or_a_builtin_one_and_two_ranks_match_one(project, tmp_path, loss):
+    run_cli(_args(project, tmp_path / "one", f"loss={loss}", "batch_size=8"))
+    run_cli(_args(project, tmp_path / "two", f"loss={loss}", "batch_size=4"), nproc=2)
+    one, two = load_weights(tmp_path / "one"), load_weights(tmp_path / "two")
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-6)
+    for out in (tmp_path / "one", tmp_path / "two"):
+        final = val_records(out)[-1]
+        assert final["val_samples"] == 19
+        # The batch means the model returns, weighted by their batch sizes: the exact per-sample mean.
+        assert final["val_loss"] == pytest.approx(_reference_val_loss(project, out), rel=1e-5)
+        assert ("val_accuracy" in final) == (loss == "cross_entropy")
+        steps = [r for r in json.loads("[" + ",".join((out / "metrics.jsonl").read_text().splitlines()) + "]") if "lr" in r]
+        assert steps and all(r["tokens_per_s"] > 0 for r in steps)
+
+
+def test_a_dict_without_labels_and_a_model_without_a_loss_are_named(project, tmp_path):
+    (project / "nolabels.py").write_text((project / "hf_project.py").read_text().replace(', "labels": example["label"]', ""))
+    args = [a.replace("hf_project.py:get_dataset", "nolabels.py:get_dataset") for a in _args(project, tmp_path / "a", "epochs=1")]
+    result = run_cli(args, check=False)
+    assert result.returncode == 2 and "yielded a dict without 'labels'" in result.stderr and "loss: model" in result.stderr
+    result = run_cli([*args, "loss=model"], check=False)
+    assert result.returncode == 2 and "without a `loss` tensor" in result.stderr
