@@ -68,7 +68,8 @@ class Config:
     num_workers: int = _opt(0, "DataLoader worker processes (per process).", minimum=0)
     output_dir: str = _opt("runs/default", "Where config.yaml, metrics.jsonl, checkpoints and model.safetensors go.")
     cpu: bool = _opt(False, "Force CPU even when a GPU is present.")
-    collective_timeout_s: int = _opt(600, "Seconds a collective may wait for other ranks before the job fails.", minimum=1)
+    collective_timeout_s: int = _opt(1800, "Seconds a collective may wait for other ranks before the job fails (longer than hang_timeout_s, which says where it hangs).", minimum=1)
+    hang_timeout_s: Optional[int] = _opt(900, "A rank without progress for this long writes every rank's stacks to output_dir/diagnostics/ and stops the job, naming the rank that is behind (null: off). Longer than the slowest step, validation and checkpoint save.", minimum=1)
     find_unused_parameters: bool = _opt(False, "Let DDP allow parameters that get no gradient in some steps (slower; needed for models with unused or conditionally used parameters).")
 
     # --- logging -------------------------------------------------------------------------------
@@ -226,6 +227,11 @@ def _check_combinations(cfg: Config) -> None:
         raise UserError(f"monitor: {cfg.monitor!r} is never logged by validation; choose one of: {', '.join(VALIDATION_METRICS)}.")
     if cfg.monitor == "val_accuracy" and cfg.loss == "mse":
         raise UserError("monitor: 'val_accuracy' is never logged with loss: mse (not a classification); monitor val_loss.")
+    if cfg.hang_timeout_s is not None and cfg.hang_timeout_s >= cfg.collective_timeout_s:
+        raise UserError(
+            f"hang_timeout_s ({cfg.hang_timeout_s}) must be shorter than collective_timeout_s ({cfg.collective_timeout_s}): "
+            "otherwise a stuck collective fails first, without saying which rank is behind. Lower hang_timeout_s."
+        )
     if cfg.fast_dev_run and cfg.overfit_batches:
         raise UserError("fast_dev_run and overfit_batches are both set; use one debug mode at a time.")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():

@@ -43,7 +43,8 @@ def _rows(value, count: int):
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss: Loss, accelerator: Accelerator, data_spec: str, max_batches: int | None = None) -> dict:
+def evaluate(model, loader, loss: Loss, accelerator: Accelerator, data_spec: str, max_batches: int | None = None,
+             on_batch=None) -> dict:
     """Mean per-sample loss (and accuracy for classification) over every validation sample, once.
 
     Per-sample values are gathered with `gather_for_metrics`, which drops the duplicates Accelerate
@@ -61,6 +62,8 @@ def evaluate(model, loader, loss: Loss, accelerator: Accelerator, data_spec: str
         if max_batches is not None and batch_index >= max_batches:
             loader.end()  # leaving early: tell Accelerate's gradient state this loader is done
             break
+        if on_batch is not None:
+            on_batch()  # progress, for the hang watchdog
         inputs, targets = split_batch(batch, data_spec, loss.model_computes)
         outputs = call_model(model, inputs)
         size = batch_size_of(inputs, targets)

@@ -42,7 +42,9 @@ from .run_lock import RunLock
 from .schedule import apply_config, build_scheduler
 from .state import TrainState
 from .unused import UnusedParameterCheck
+from .stragglers import StragglerMonitor
 from .validation import Validator
+from .watchdog import HangWatchdog, clear_stale, enable_flight_recorder
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -50,6 +52,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
     cuda = torch.cuda.is_available() and not cfg.cpu
     if cfg.mixed_precision == "fp16" and not cuda:
         raise UserError("mixed_precision: fp16 needs a CUDA GPU (its loss scaler is GPU-only); use bf16 on CPU, or no.")
+    if cuda and cfg.hang_timeout_s:
+        enable_flight_recorder(Path(cfg.output_dir) / "diagnostics")  # before NCCL's process group exists
     accelerator = Accelerator(
         cpu=not cuda,  # without a GPU, CPU mode is what makes N launched processes join one gloo group
         mixed_precision=cfg.mixed_precision,
@@ -85,6 +89,7 @@ def _prepare_output_dir(cfg: Config, accelerator: Accelerator, teardown: context
             probe = out / ".write_test"
             probe.write_text("ok")
             probe.unlink()
+            clear_stale(out)  # a previous run's hang report must not stop this one
         except UserError as exc:
             error = str(exc)
         except OSError as exc:
@@ -151,8 +156,12 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
         (out / "config.yaml").write_text(cfg.to_yaml())  # the config that runs (auto_batch_size's size included)
     preemption = teardown.enter_context(Preemption(accelerator))  # SIGUSR1/SIGTERM only set a flag; acted on between steps
 
-    metrics = teardown.enter_context(MetricsLogger(cfg, accelerator, resumed_step=state.optimizer_step))
-    validator = Validator(cfg, accelerator, model, val_loader, loss_fn, metrics)
+    watchdog = teardown.enter_context(HangWatchdog(cfg.hang_timeout_s, out, accelerator.process_index, accelerator.num_processes))
+    watchdog.at("step boundary", step=state.optimizer_step)
+    stragglers = StragglerMonitor(accelerator)
+    metrics = teardown.enter_context(MetricsLogger(cfg, accelerator, resumed_step=state.optimizer_step,
+                                                   rank_times=lambda steps: stragglers.record(watchdog.take_own_s(), steps)))
+    validator = Validator(cfg, accelerator, model, val_loader, loss_fn, metrics, watchdog)
     guard = NonfiniteGuard(cfg, accelerator, model)
     unused = UnusedParameterCheck(cfg, accelerator, model)
     micro_batch_samples = cfg.batch_size * accelerator.num_processes
@@ -177,14 +186,17 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
             inputs, targets = split_batch(batch, cfg.data, loss_fn.model_computes)
             with accelerator.accumulate(model):
                 guard.before_forward()
+                watchdog.at("forward")  # progress marks: a hang names the rank and phase (watchdog.py)
                 outputs = call_model(model, inputs)  # model(inputs), or model(**batch) for a dict batch
                 loss = loss_fn(outputs, targets)
+                watchdog.at("backward")
                 accelerator.backward(loss)
                 unused.after_backward()
                 metrics.observe(loss, inputs)
                 step_loss += loss.detach()
                 state.samples_consumed += micro_batch_samples
                 if accelerator.sync_gradients:
+                    watchdog.at("optimizer")
                     grad_norm = _grad_norm(accelerator, parameters, cfg.max_grad_norm)
                     finite = guard.update_is_finite(grad_norm, step_loss, state, batch_index)
                 # Accelerate turns step and zero_grad into no-ops between accumulation boundaries;
@@ -193,6 +205,7 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
+                watchdog.at("data")
                 continue
 
             # ---- the step boundary: the one place where the run's position moves and decisions are made ----
@@ -205,6 +218,7 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
             else:
                 scheduler.step()
             state.optimizer_step += 1
+            watchdog.at("step boundary", step=state.optimizer_step)
             epoch_ended = accelerator.gradient_state.end_of_dataloader
             last_step = state.optimizer_step >= total_steps or (epoch_ended and state.epoch + 1 >= _epoch_limit(cfg))
             profiler.step(state.optimizer_step)
@@ -215,8 +229,10 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
             stop = validator.after_step(state, epoch_ended=epoch_ended, last_step=last_step) or last_step
             if epoch_ended:  # the position after an epoch's last step is the start of the next epoch
                 state.epoch, state.samples_consumed = state.epoch + 1, 0
+            watchdog.at("checkpoint")
             with metrics.untimed():
                 checkpointer.save_if_due(epoch_ended=epoch_ended, last_step=stop, record=validator.last)
+            watchdog.at("data")
             if not stop and preemption.requested():
                 if not epoch_ended:
                     train_loader.end()  # leaving mid-epoch: tell Accelerate's gradient state this loader is done

@@ -74,10 +74,11 @@ class MetricsLogger:
     """`metrics.jsonl` continues with the run: a fresh start rewrites it, a resume at optimizer step N
     keeps the records up to N (those after it were written by the interrupted run and come again)."""
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, resumed_step: int = 0):
+    def __init__(self, cfg: Config, accelerator: Accelerator, resumed_step: int = 0, rank_times=None):
         self.cfg = cfg
         self.accelerator = accelerator
         self.is_main_process = accelerator.is_main_process
+        self.rank_times = rank_times  # steps -> the straggler fields (a collective; see stragglers.py)
         self.log_every = 1 if cfg.fast_dev_run else cfg.log_every  # a smoke test exercises logging too
         self._interval_loss = _RunningMean(accelerator)
         self._eval_loss = _RunningMean(accelerator)
@@ -146,6 +147,8 @@ class MetricsLogger:
             record["nonfinite_skipped"] = state.nonfinite_skipped
         if self.cfg.mixed_precision == "fp16":
             record["overflow_skipped"] = state.overflow_skipped
+        if self.rank_times is not None:
+            record.update(self.rank_times(self._steps))
         self._samples = self._tokens = self._steps = 0
         self._last_time, self._untimed_s = now, 0.0
         self.write(record)

@@ -18,8 +18,8 @@ from .stopping import EarlyStopping
 
 
 class Validator:
-    def __init__(self, cfg: Config, accelerator: Accelerator, model, val_loader, loss_fn: Loss, metrics: MetricsLogger):
-        self.cfg, self.accelerator = cfg, accelerator
+    def __init__(self, cfg: Config, accelerator: Accelerator, model, val_loader, loss_fn: Loss, metrics: MetricsLogger, watchdog=None):
+        self.cfg, self.accelerator, self.watchdog = cfg, accelerator, watchdog
         self.model, self.val_loader, self.loss_fn, self.metrics = model, val_loader, loss_fn, metrics
         self.early_stopping = EarlyStopping(cfg)
         self.max_batches = cfg.fast_dev_run or None
@@ -34,8 +34,9 @@ class Validator:
         every = self.cfg.eval_every
         if not (epoch_ended or last_step or (every and state.optimizer_step % every == 0)):
             return False
+        on_batch = (lambda: self.watchdog.at("validation")) if self.watchdog else None
         with self.metrics.untimed():
-            values = evaluate(self.model, self.val_loader, self.loss_fn, self.accelerator, self.cfg.data, self.max_batches)
+            values = evaluate(self.model, self.val_loader, self.loss_fn, self.accelerator, self.cfg.data, self.max_batches, on_batch)
         self.last = self.metrics.log_eval(state, values)
         self.early_stopping.update(state, self.last)
         if self.early_stopping.should_stop(state):

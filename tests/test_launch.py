@@ -313,7 +313,7 @@ from dist_train.config import load_config
 from dist_train.loop import make_accelerator
 from dist_train.preemption import Preemption
 
-accelerator = make_accelerator(load_config(None, ["cpu=true", "collective_timeout_s=3"]))
+accelerator = make_accelerator(load_config(None, ["cpu=true", "collective_timeout_s=3", "hang_timeout_s=null"]))
 dist.get_backend = lambda group=None: "nccl"  # take the GPU path: the flag goes through a side gloo group
 preemption = Preemption(accelerator)
 if int(os.environ["RANK"]) == 1:
