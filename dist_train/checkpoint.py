@@ -28,7 +28,9 @@ from accelerate.utils import broadcast_object_list, gather_object
 from safetensors import SafetensorError
 
 from .config import Config
+from .async_save import BackgroundWriter, HostCopier, take_snapshot, write_snapshot
 from .dcp_check import check_dcp_folder
+from .lean import PLAIN_BACKENDS
 from .errors import UserError
 from .resume_policy import check_changes
 from .manifest import InvalidCheckpoint, fsync_path, read_manifest, verify, write_manifest
@@ -45,8 +47,16 @@ def _warn(message: str) -> None:
 class Checkpointer:
     """Owns when and how checkpoints are written, and what `resume` loads. All ranks call every method."""
 
-    def __init__(self, cfg: Config, accelerator, state: TrainState):
+    def __init__(self, cfg: Config, accelerator, state: TrainState, model=None, optimizer=None, scheduler=None):
         self.cfg, self.accelerator, self.state = cfg, accelerator, state
+        self._live = (model, optimizer, scheduler)  # what an asynchronous save snapshots
+        self._writer = BackgroundWriter() if cfg.async_checkpoint else None
+        self._copier = HostCopier()
+        if cfg.async_checkpoint and accelerator.distributed_type not in PLAIN_BACKENDS:
+            raise UserError(
+                f"async_checkpoint: true is for one process and DDP; under {accelerator.distributed_type} the state is "
+                "sharded or owned by the engine. Set async_checkpoint: false."
+            )
         self.root = Path(cfg.output_dir) / "checkpoints"
         self.enabled = not cfg.fast_dev_run  # a smoke test leaves no trace and resumes nothing
         self._last_saved: tuple | None = None
@@ -65,12 +75,20 @@ class Checkpointer:
             self.save(record)
 
     # ---- saving --------------------------------------------------------------------------------
-    def save(self, record: dict | None = None) -> Path:
-        """Write a checkpoint of the current step now; returns its final directory."""
+    def save(self, record: dict | None = None, wait: bool = False) -> Path:
+        """Checkpoint the current step; returns its final directory. With `async_checkpoint` the files are
+        written in the background (`wait=True`: and waited for, e.g. before leaving for a requeue)."""
         acc, step = self.accelerator, self.state.optimizer_step
         final, tmp = self.root / f"step_{step:08d}", self.root / f".tmp-step_{step:08d}"
         if self._last_saved == (step, self.state.state_dict()):
+            if wait:
+                self.wait()
             return final  # already saved, and nothing changed since (e.g. a stop right after a step save)
+        if self._writer is not None:
+            self._save_in_background(record, final, tmp)
+            if wait:
+                self.wait()
+            return final
         error = None
         if acc.is_main_process:
             try:
@@ -102,6 +120,49 @@ class Checkpointer:
         self._agree(error, tmp)
         self._last_saved = (step, self.state.state_dict())
         return final
+
+    # ---- asynchronous saves ------------------------------------------------------------------------
+    def _save_in_background(self, record: dict | None, final: Path, tmp: Path) -> None:
+        self.wait()  # at most one save in flight: the previous one is complete (or failed, for all ranks) first
+        snapshot = take_snapshot(self.accelerator, *self._live, self.state, self._copier)
+        description = self._describe(record)
+        self._last_saved = (self.state.optimizer_step, self.state.state_dict())
+        if self.accelerator.is_main_process:
+            self._writer.start(lambda: self._write_in_background(snapshot, description, final, tmp))
+
+    def _write_in_background(self, snapshot: dict, description: dict, final: Path, tmp: Path) -> str | None:
+        """The main process's writer thread: files, manifest, rename, prune. Returns an error message or None."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            self._pause_for_tests(description["step"], "files")
+            write_snapshot(snapshot, tmp)
+            (tmp / "config.yaml").write_text(self.cfg.to_yaml())
+            self._pause_for_tests(description["step"])
+            write_manifest(tmp, description)
+            self._pause_for_tests(description["step"], "rename")
+            self._publish(tmp, final)
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return self._write_error(exc)
+        try:
+            self._prune(keep=final)
+        except OSError as exc:  # the new checkpoint is complete: a failed clean-up costs only disk space
+            _warn(f"checkpoint {final.name} is saved, but pruning older ones failed ({exc}); remove them by hand.")
+        return None
+
+    def wait(self) -> None:
+        """All ranks: block until the background write (if any) is complete; a failed one stops every rank."""
+        if self._writer is not None:
+            self._agree(self._writer.wait() if self.accelerator.is_main_process else None, None)
+
+    def close(self) -> None:
+        """On any exit: let a background write finish (a complete checkpoint is worth the wait); no collective."""
+        if self._writer is not None:
+            error = self._writer.wait()
+            if error:
+                _warn(error)
 
     def save_final(self, model) -> Path:
         """`output_dir/model.safetensors`: the final weights, keyed as in the user's model, replaced atomically.
@@ -215,14 +276,20 @@ class Checkpointer:
         """All ranks learn whether any rank failed (a collective), so no rank waits forever on another."""
         errors = [e for e in gather_object([error]) if e]
         if errors:
-            if self.accelerator.is_main_process:
+            if self.accelerator.is_main_process and tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(errors[0])
 
-    def _pause_for_tests(self, step: int) -> None:
+    def _pause_for_tests(self, step: int, phase: str = "manifest") -> None:
+        """`STEP:MARKER` pauses before the manifest; `STEP:files:MARKER` / `STEP:rename:MARKER` before the
+        files / the rename (the asynchronous writer): the test then kills the process there."""
         spec = os.environ.get(PAUSE_ENV)
-        if spec and self.accelerator.is_main_process and int(spec.split(":", 1)[0]) == step:
-            Path(spec.split(":", 1)[1]).write_text(str(step))
+        if not spec or not self.accelerator.is_main_process:
+            return
+        at, _, rest = spec.partition(":")
+        wanted, marker = rest.split(":", 1) if rest.split(":", 1)[0] in ("files", "rename") else ("manifest", rest)
+        if int(at) == step and wanted == phase:
+            Path(marker).write_text(str(step))
             time.sleep(600)
 
     # ---- Accelerate hooks: weights keyed as in the user's model, whatever wraps it -------------
@@ -287,7 +354,11 @@ class Checkpointer:
             return mode, manifest, None
         candidates = []
         for path in sorted(self.root.iterdir()) if self.root.is_dir() else []:
-            if not path.is_dir() or path.name.startswith(".del-"):  # being pruned: never a candidate
+            # Only `step_*` is a checkpoint: `.tmp-` is a save before its rename (even with a manifest),
+            # `.old-`/`.del-` one being replaced or pruned.
+            if path.is_dir() and path.name.startswith(".tmp-"):
+                _warn(f"resume: auto skips incomplete checkpoint {path}: an interrupted save (never renamed to step_*)")
+            if not path.is_dir() or path.name.startswith("."):
                 continue
             try:
                 candidates.append((int(read_manifest(path)["step"]), path))

@@ -81,6 +81,7 @@ class Config:
     checkpoint_every: Optional[int] = _opt(None, "Save a checkpoint every N optimizer steps (null: only at epoch ends).", minimum=1)
     checkpoint_epochs: bool = _opt(True, "Save a checkpoint at the end of each epoch.")
     keep_last: Optional[int] = _opt(None, "Keep only the newest K checkpoints (null: keep all).", minimum=1)
+    async_checkpoint: bool = _opt(False, "Write checkpoints in the background from an in-memory snapshot taken at the step boundary (one extra host copy of the model and optimizer state; not with FSDP/DeepSpeed).")
     keep_best: bool = _opt(False, "Also keep the checkpoint with the best `monitor`, never pruned.")
     resume: str = _opt("auto", "`auto` (newest complete checkpoint in output_dir, if any), `never`, or a checkpoint path.")
 

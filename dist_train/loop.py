@@ -149,7 +149,8 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
     scheduler = accelerator.prepare(build_scheduler(cfg, optimizer.stepped, total_steps))
     state = TrainState()
     accelerator.register_for_checkpointing(state)
-    checkpointer = Checkpointer(cfg, accelerator, state)
+    checkpointer = Checkpointer(cfg, accelerator, state, model, optimizer.accelerated, scheduler)
+    teardown.callback(checkpointer.close)  # a background checkpoint write finishes on every exit
     checkpointer.resume()  # before anything reads `state` (progress bar, profiler, the stop test)
     apply_config(optimizer.stepped, scheduler.scheduler, cfg)  # a resumed run follows this config's lr, not the checkpoint's
     if accelerator.is_main_process:  # only now: a refused resume leaves the previous run's config.yaml as it was
@@ -249,6 +250,7 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
             state.epoch, state.samples_consumed = state.epoch + 1, 0
             stop = state.epoch >= _epoch_limit(cfg)
 
+    checkpointer.wait()  # the last checkpoint is complete before the run reports success
     if not cfg.fast_dev_run:
         checkpointer.save_final(model)
     accelerator.wait_for_everyone()
@@ -267,7 +269,7 @@ def _end_trackers(accelerator: Accelerator) -> None:
 
 def _leave_for_requeue(checkpointer: Checkpointer, preemption: Preemption, last_eval: dict) -> dict:
     """Preempted (all ranks agree): checkpoint now, requeue under SLURM; the exit status says whether it will go on."""
-    path = checkpointer.save(last_eval)
+    path = checkpointer.save(last_eval, wait=True)  # complete before the requeue or the exit
     requeued = preemption.requeue()
     return {"preempted": preemption.signal_name or "another rank", "checkpoint": str(path), "requeued": requeued,
             "exit_code": 0 if requeued else preemption.exit_code}

@@ -174,6 +174,30 @@ def test_kill_during_save_keeps_the_previous_checkpoint(project, reference, tmp_
     assert not (out / "checkpoints" / ".tmp-step_00000012").exists()  # cleaned up by the next save
 
 
+@pytest.mark.parametrize("phase", ["files", "manifest", "rename"])
+def test_kill_during_an_asynchronous_write_keeps_the_previous_checkpoint(project, reference, tmp_path, phase):
+    """async_checkpoint: training goes on while step 12 is written; SIGKILL before its files, its manifest or
+    its rename: resume takes step 9, and the final weights are those of the uninterrupted synchronous run."""
+    out, marker = tmp_path / "run", tmp_path / "paused"
+    spec = f"12:{marker}" if phase == "manifest" else f"12:{phase}:{marker}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIST_TRAIN_TEST_PAUSE_IN_SAVE": spec}
+    proc = subprocess.Popen(cli_command(_args(project, out, *EXACT, "async_checkpoint=true")), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the run never reached the write of step 12"
+        time.sleep(0.5)  # training goes on meanwhile (until the next save waits for this one)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (out / "checkpoints" / "step_00000012").exists() and (out / "checkpoints" / "step_00000009").exists()
+    resumed = run_cli(_args(project, out, *EXACT, "async_checkpoint=true"))
+    assert "step_00000009 at optimizer step 9" in resumed.stdout
+    _assert_bitwise_equal(out, reference[1])
+
+
 def _plant_pickle(path: Path, marker: Path) -> None:
     class Exploit:
         def __reduce__(self):
