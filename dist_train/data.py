@@ -1,16 +1,35 @@
 """Data loaders from the user's `get_dataloader`, with a sample order dist_train owns.
 
-The training order of epoch `e` is a permutation derived from `(seed, e)` alone, and the sampler can
-start at any offset into it. Accelerate's `prepare` then deals the sampler's batches round-robin to
-the ranks, so after `n` global micro-batches exactly the first `n x world_size x batch_size` samples
-of the permutation have been consumed, whatever the world size. That is what makes N ranks match one
-rank at the same global batch, and a mid-epoch resume, on any world size, continue with exactly the
-samples not yet seen.
+The training order of epoch `e` is a function of `(seed, e)` alone, and the sampler can start at any
+offset into it. Accelerate's `prepare` then deals the sampler's batches round-robin to the ranks, so
+after `n` global micro-batches exactly the first `n x world_size x batch_size` samples of the order
+have been consumed, whatever the world size. That is what makes N ranks match one rank at the same
+global batch, and a mid-epoch resume, on any world size, continue with exactly the samples not yet seen.
 
-The epoch is cut into whole optimizer steps of `batch_size x world_size x grad_accum_steps` samples:
-the last, partial step is completed with the epoch's first samples (as `DistributedSampler` pads),
-or dropped when the user's DataLoader says `drop_last=True`. So every optimizer step averages the
-same number of samples, and 4 micro-batches of b are the one batch of 4b, for any dataset size.
+Which order:
+- `shuffle=True` (a plain `RandomSampler` over the whole dataset): a permutation drawn from
+  `epoch_seed(seed, e)`; no sampler (`shuffle=False`, a `SequentialSampler`): the dataset in order.
+- Any other sampler the user put in the DataLoader (`WeightedRandomSampler`, `SubsetRandomSampler`,
+  `RandomSampler(replacement=True)` or with `num_samples=`, a custom `Sampler`): that sampler's own
+  draw for the epoch, materialised under the same seed (user_order.py), so its distribution and its
+  subset are kept; the epoch is as long as the draw (a subset of 10% trains on 10% of the data per
+  epoch). The plain shuffle is that rule too: materialising the RandomSampler gives the same permutation.
+  A sampler whose draw is not a function of (seed, epoch) is refused at start, and so, unless the run
+  counts `max_steps`, is one whose epochs differ in length (user_order.py).
+- A custom `batch_sampler` (the DataLoader's `batch_size` is None): its batches are honoured as they
+  are, variable sizes included. Epoch `e`'s batches are its draw under the same seed; whole batches are
+  dealt round-robin (global micro-batch k is batches k x world_size ... of the draw), so N processes
+  train on the batches one process would, N at a time. The loop counts `batch_size` samples per batch
+  and process (`TrainState.samples_consumed`), so the position is `samples_consumed // batch_size`
+  batches: a mid-epoch resume needs the `batch_size` the run was started with. `DataLoader(batch_size=None)`
+  without a batch_sampler (automatic batching off) is refused: it has no batches to deal.
+- An `IterableDataset` is kept as it is, with a warning: its order is not dist_train's to fix.
+
+The epoch is cut into whole optimizer steps of `batch_size x world_size x grad_accum_steps` samples
+(`world_size x grad_accum_steps` batches on the batch_sampler path): the last, partial step is
+completed with the epoch's first samples (as `DistributedSampler` pads), or dropped when the user's
+DataLoader says `drop_last=True`. So every optimizer step averages the same number of samples, and
+4 micro-batches of b are the one batch of 4b, for any dataset size.
 """
 
 from __future__ import annotations
@@ -20,28 +39,37 @@ import warnings
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, SequentialSampler, Subset
 
 from .config import Config
 from .errors import UserError
 from .fastdata import EpochBatchSampler, TensorBatches, already_batched, can_use_fast_path, dataset_tensors
 from .plugins import check_call, resolve
+from .user_order import UserOrder, epoch_seed
 
 
 class EpochSampler(Sampler[int]):
-    """Yields `permutation(seed, epoch)[start:]`, cut to whole optimizer steps.
+    """Yields `order(seed, epoch)[start:]`, cut to whole optimizer steps.
 
-    `step_samples` (batch x ranks x accumulation) is the unit: the epoch's tail is padded by wrapping
-    (the permutation's first samples again) or, with `drop_last`, dropped. Padding keeps every rank's
-    batches full, so DDP never waits on a rank with nothing left, and keeps the last optimizer step
-    as large as the others.
+    The order is dist_train's permutation of `num_samples` (or `range(num_samples)` without `shuffle`),
+    or, given a `source`, the user's sampler drawn for the epoch (`UserOrder`; then `num_samples` is the
+    draw's length). `step_samples` (batch x ranks x accumulation) is the unit: the epoch's tail is padded
+    by wrapping (the order's first samples again) or, with `drop_last`, dropped. Padding keeps every
+    rank's batches full, so DDP never waits on a rank with nothing left, and keeps the last optimizer
+    step as large as the others.
+
+    On the batch_sampler path the order is of the user's batches (`UserBatches`), the sizes count
+    batches, and `unit_samples` (the loop's `batch_size`) converts the loop's `samples_consumed`.
     """
 
     def __init__(self, num_samples: int, seed: int, shuffle: bool, micro_batch_samples: int,
-                 step_samples: int | None = None, drop_last: bool = False):
-        self.num_samples = num_samples
+                 step_samples: int | None = None, drop_last: bool = False, source: UserOrder | None = None,
+                 unit_samples: int = 1):
+        self._num_samples = num_samples
         self.seed = seed
         self.shuffle = shuffle
+        self.source = source
+        self.unit_samples = unit_samples
         self.micro_batch_samples = micro_batch_samples  # one global micro-batch: batch_size x ranks
         self.step_samples = step_samples or micro_batch_samples
         self.drop_last = drop_last
@@ -54,8 +82,19 @@ class EpochSampler(Sampler[int]):
 
     def set_position(self, epoch: int, samples_consumed: int) -> None:
         """Start the next iteration at `samples_consumed` into epoch `epoch`'s order."""
-        self.epoch, self.start = epoch, samples_consumed
+        if samples_consumed % self.unit_samples:
+            raise UserError(
+                f"resume: the checkpoint stopped {samples_consumed} samples into epoch {epoch}, which is not a whole "
+                f"number of batch_sampler batches at batch_size {self.unit_samples}; resume with the batch_size it was "
+                "written with, or from an epoch-end checkpoint."
+            )
+        self.epoch, self.start = epoch, samples_consumed // self.unit_samples
         self.loader_generator.manual_seed((self.seed * 1_000_003 + epoch) ^ 0x5EED_5EED)  # worker seeds: per epoch
+
+    @property
+    def num_samples(self) -> int:
+        """The length of this epoch's order (before padding or dropping)."""
+        return self._num_samples if self.source is None else len(self.source.order(self.epoch))
 
     @property
     def epoch_samples(self) -> int:
@@ -67,9 +106,11 @@ class EpochSampler(Sampler[int]):
         return self.start + steps * self.step_samples
 
     def order(self) -> torch.Tensor:
+        if self.source is not None:
+            return self.source.order(self.epoch)
         if not self.shuffle:
             return torch.arange(self.num_samples)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         return torch.randperm(self.num_samples, generator=generator)
 
     def __len__(self) -> int:
@@ -85,6 +126,28 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices().tolist())
+
+
+class UserBatches(Sampler[list[int]]):
+    """The batch_sampler path: the user's batches of the epoch, in the order `sampler` deals their positions.
+
+    `batch_size = None` tells Accelerate's `BatchSamplerShard` the batches may differ in size: it deals
+    them whole, round-robin. `sampler` has already made their number a multiple of the processes.
+    """
+
+    batch_size = None
+    drop_last = False
+
+    def __init__(self, sampler: EpochSampler, source: UserOrder):
+        self.sampler = sampler  # `epoch_sampler()` finds it here after prepare
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self.source.draw(self.sampler.epoch)
+        return iter([batches[position] for position in self.sampler.indices().tolist()])
 
 
 def _user_loaders(cfg: Config):
@@ -113,35 +176,77 @@ def _check_not_empty(loader: DataLoader, cfg: Config, train: bool) -> None:
         raise UserError(f"data: the {split} dataset from {cfg.data!r} is empty; check data_args (e.g. the data path).")
 
 
+def _own_order(sampler, dataset) -> bool | None:
+    """Whether `sampler` is a plain shuffle (True) or sequential (False) over the whole dataset, the two
+    orders dist_train draws itself (the very orders materialising them would give); None otherwise."""
+    if type(sampler) is SequentialSampler and len(sampler) == len(dataset):
+        return False
+    # Without replacement and num_samples == n, RandomSampler yields one randperm(n) of its generator.
+    plain = type(sampler) is RandomSampler and not sampler.replacement
+    if plain and sampler.num_samples == len(sampler.data_source) == len(dataset):
+        return True
+    return None
+
+
 def _with_epoch_sampler(loader: DataLoader, cfg: Config, world_size: int) -> DataLoader:
     """Rebuild the user's training loader around an EpochSampler, keeping everything else it set."""
-    if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
+    if isinstance(loader.dataset, IterableDataset):
         warnings.warn(
-            "The training DataLoader uses an IterableDataset or a custom batch_sampler: dist_train keeps "
-            "it as is, so the sample order and a mid-epoch resume are not guaranteed to be exact."
+            "The training DataLoader uses an IterableDataset: dist_train keeps it as is, so the sample order "
+            "and a mid-epoch resume are not guaranteed to be exact."
         )
         return loader
-    shuffle = isinstance(loader.sampler, RandomSampler)
+    if loader.batch_size is None:
+        return _with_user_batches(loader, cfg, world_size)
+    shuffle = _own_order(loader.sampler, loader.dataset)
+    source = None
+    if shuffle is None:  # the user's own sampler: its draw, checked
+        source = UserOrder(loader.sampler, cfg.seed, fixed_length=_epochs_budget(cfg)).check(world_size)
     micro_batch_samples = loader.batch_size * world_size
-    sampler = EpochSampler(len(loader.dataset), cfg.seed, shuffle, micro_batch_samples,
-                           micro_batch_samples * cfg.grad_accum_steps, loader.drop_last)
+    sampler = EpochSampler(len(loader.dataset), cfg.seed, bool(shuffle), micro_batch_samples,
+                           micro_batch_samples * cfg.grad_accum_steps, loader.drop_last, source=source)
     if sampler.epoch_samples == 0:
         raise UserError(
-            f"data: drop_last=True drops the whole training set: {len(loader.dataset)} samples are fewer than one "
+            f"data: drop_last=True drops the whole training set: {sampler.num_samples} samples are fewer than one "
             f"optimizer step ({loader.batch_size} x {world_size} processes x {cfg.grad_accum_steps} accumulation "
             f"steps = {sampler.step_samples}); lower batch_size or grad_accum_steps, or set drop_last=False."
         )
+    return _rebuilt(loader, cfg, sampler)
+
+
+def _with_user_batches(loader: DataLoader, cfg: Config, world_size: int) -> DataLoader:
+    """The batch_sampler path: the user's batches, drawn per epoch and dealt whole (see the module docstring)."""
+    if loader.batch_sampler is None:
+        raise UserError(
+            f"data: the training DataLoader from {cfg.data!r} has batch_size=None (automatic batching off), so it has "
+            "no batches to deal to the processes; give it batch_size= (with shuffle= or sampler=), or a batch_sampler=."
+        )
+    source = UserOrder(loader.batch_sampler, cfg.seed, batches=True, fixed_length=_epochs_budget(cfg)).check(world_size)
+    # Units are batches: one global micro-batch is one batch per process. The loop counts each process's
+    # batch as batch_size samples, whatever its size, hence unit_samples.
+    sampler = EpochSampler(0, cfg.seed, False, world_size, world_size * cfg.grad_accum_steps, source=source,
+                           unit_samples=cfg.batch_size)
+    return _rebuilt(loader, cfg, sampler, UserBatches(sampler, source))
+
+
+def _epochs_budget(cfg: Config) -> bool:
+    """Whether the loop counts the run in epochs x steps per epoch (so every epoch must be as long)."""
+    return cfg.max_steps is None and not cfg.fast_dev_run
+
+
+def _rebuilt(loader: DataLoader, cfg: Config, sampler: EpochSampler, batch_sampler: UserBatches | None = None) -> DataLoader:
+    """The user's loader, its order now `sampler`'s (batched by `batch_sampler` on the batch_sampler path)."""
     # On a GPU, pinned batches let Accelerate copy them to the device without blocking (non_blocking=True).
     pin_memory = loader.pin_memory or (torch.cuda.is_available() and not cfg.cpu)
     if can_use_fast_path(loader):
         # Tensors in memory: one index_select per tensor per batch, same order (see fastdata.py).
-        batch_sampler = EpochBatchSampler(sampler, loader.batch_size)
+        batches = batch_sampler or EpochBatchSampler(sampler, loader.batch_size)
         dataset = TensorBatches(dataset_tensors(loader.dataset), pin_memory=pin_memory)  # gathers into pinned memory itself
-        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=already_batched, generator=sampler.loader_generator)
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=already_batched, generator=sampler.loader_generator)
+    batching = {"batch_sampler": batch_sampler} if batch_sampler else {"batch_size": loader.batch_size, "sampler": sampler}
     return DataLoader(
         loader.dataset,
-        batch_size=loader.batch_size,
-        sampler=sampler,
+        **batching,
         num_workers=loader.num_workers,
         collate_fn=loader.collate_fn,
         pin_memory=pin_memory,

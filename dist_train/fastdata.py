@@ -8,8 +8,10 @@ instead. Another dataset opts in by exposing the same `tensors` tuple and declar
 that overrides `__getitem__` without saying so keeps the per-sample path, which may transform samples.
 It keeps the sampling semantics exactly:
 
-- `EpochBatchSampler` cuts the very order `EpochSampler` yields (permutation, offset, padding) into
-  index tensors of `batch_size`, the batches a `BatchSampler` over that sampler would make;
+- `EpochBatchSampler` cuts the very order `EpochSampler` yields (dist_train's permutation or the user's
+  sampler drawn for the epoch, offset, padding) into index tensors of `batch_size`, the batches a
+  `BatchSampler` over that sampler would make; a user's batch_sampler keeps its own batches
+  (`data.UserBatches`), which `__getitems__` takes as they are;
 - Accelerate's `prepare` wraps it like any batch sampler (`BatchSamplerShard` deals whole batches
   round-robin to the ranks), and `set_position` on the inner `EpochSampler` still resumes mid-epoch
   (after a resume with another global batch size the batches are lists, see `EpochBatchSampler`);

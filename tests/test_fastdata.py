@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dist_train.config import load_config
 from accelerate.data_loader import BatchSamplerShard
-from torch.utils.data import BatchSampler
+from torch.utils.data import BatchSampler, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
 
 from dist_train.data import EpochSampler, _with_epoch_sampler, epoch_sampler
 from dist_train.fastdata import EpochBatchSampler, TensorBatches, can_use_fast_path
@@ -59,6 +59,28 @@ def test_same_batches_as_the_regular_path_across_epochs_and_a_mid_epoch_start(tm
         assert len(fast_batches) == len(regular_batches) == len(fast) == (104 - samples_consumed) // 8  # padded to 104
         for (fx, fy), (rx, ry) in zip(fast_batches, regular_batches):
             assert torch.equal(fx, rx) and torch.equal(fy, ry) and fx.dtype == rx.dtype
+
+
+@pytest.mark.parametrize("loader_args", [
+    lambda d: {"batch_size": 8, "sampler": WeightedRandomSampler(torch.linspace(0.1, 1, len(d)), num_samples=150)},
+    lambda d: {"batch_size": 8, "sampler": SubsetRandomSampler(range(0, len(d), 4))},
+    lambda d: {"batch_sampler": BatchSampler(RandomSampler(d, replacement=True), 7, drop_last=False)},
+], ids=["weighted", "subset", "batch_sampler"])
+def test_a_users_sampler_gives_the_same_batches_on_both_paths(tmp_path, loader_args):
+    """The user's own sampler (or batch_sampler) drawn per epoch: the fast path cuts the very same batches."""
+    x, y = _tensors()
+    cfg = load_config(None, seed=7, batch_size=8, output_dir=str(tmp_path))
+    fast = _with_epoch_sampler(DataLoader(TensorDataset(x, y), **loader_args(x)), cfg, 1)
+    regular = _with_epoch_sampler(DataLoader(PerSampleDataset(x, y), **loader_args(x)), cfg, 1)
+    assert isinstance(fast.dataset, TensorBatches) and not isinstance(regular.dataset, TensorBatches)
+    fast, regular = Accelerator(cpu=True).prepare(fast, regular)
+    for epoch, samples_consumed in [(0, 0), (1, 0), (1, 16)]:
+        for loader in (fast, regular):
+            epoch_sampler(loader).set_position(epoch, samples_consumed)
+        fast_batches, regular_batches = list(fast), list(regular)
+        assert len(fast_batches) == len(regular_batches) == len(fast) > 0
+        for (fx, fy), (rx, ry) in zip(fast_batches, regular_batches):
+            assert torch.equal(fx, rx) and torch.equal(fy, ry)
 
 
 @pytest.mark.parametrize("samples_consumed", [0, 16, 12])  # 12: a resume from a run with another global batch

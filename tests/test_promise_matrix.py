@@ -1,13 +1,16 @@
 """The promise matrix, in-process half: how dist_train deals an epoch's samples, over generated setups.
 
-Hypothesis draws the setup (dataset size, per-process batch, processes, accumulation, shuffle,
-drop_last, seed, epoch) and the test deals the epoch as a real run would: `EpochSampler`, then
-`BatchSampler` (regular path) or `EpochBatchSampler` (in-memory fast path), then Accelerate's
-`BatchSamplerShard`, one per rank. Global micro-batch k is rank 0's k-th batch, then rank 1's, ...;
-an optimizer step is `grad_accum_steps` consecutive global micro-batches.
+Hypothesis draws the setup (epoch length, per-process batch, processes, accumulation, shuffle,
+drop_last, seed, epoch, and whose order: dist_train's own, or a user's `SubsetRandomSampler` or
+`WeightedRandomSampler` materialised for the epoch) and the test deals the epoch as a real run would:
+`EpochSampler`, then `BatchSampler` (regular path) or `EpochBatchSampler` (in-memory fast path), then
+Accelerate's `BatchSamplerShard`, one per rank. Global micro-batch k is rank 0's k-th batch, then
+rank 1's, ...; an optimizer step is `grad_accum_steps` consecutive global micro-batches.
 
 The oracle is the epoch's order extended by wrapping around: `W[i] = order[i % num_samples]`. Every
-promise below is a statement about which stretch of `W` a run sees.
+promise below is a statement about which stretch of `W` a run sees; counts are compared as multisets
+of the order (a weighted draw repeats indices; a permutation holds each once). The batch_sampler path
+(a user's batches, dealt whole) has its own property at the end.
 
 Runs are derandomized (the examples follow from each test's source), so CI is deterministic and a
 failure replays by running the file again; Hypothesis also prints the falsifying example and a
@@ -26,12 +29,13 @@ import torch
 from accelerate.data_loader import BatchSamplerShard
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from torch.utils.data import BatchSampler, DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 
 from dist_train.config import load_config
-from dist_train.data import EpochSampler, _with_epoch_sampler, epoch_sampler
+from dist_train.data import EpochSampler, UserBatches, _with_epoch_sampler, epoch_sampler
 from dist_train.errors import UserError
 from dist_train.fastdata import EpochBatchSampler
+from dist_train.user_order import UserOrder
 
 MAX_EXAMPLES = 400  # per property; the whole file stays well under 30 s on 2 shared cores
 
@@ -70,6 +74,7 @@ class Setup:
     batch_size: int  # per process
     world_size: int
     grad_accum_steps: int
+    source: str | None = None  # None: dist_train's order; "subset" / "weighted": a user sampler's draw
 
     @property
     def micro_batch_samples(self) -> int:  # one global micro-batch
@@ -88,9 +93,18 @@ class Setup:
     def on(self, batch_size: int, world_size: int, grad_accum_steps: int) -> "Setup":
         return dataclasses.replace(self, batch_size=batch_size, world_size=world_size, grad_accum_steps=grad_accum_steps)
 
+    def user_sampler(self):
+        """The user's sampler whose draw is `num_samples` long, over a dataset of another size."""
+        g = torch.Generator().manual_seed(self.seed)
+        if self.source == "subset":  # num_samples distinct indices of a dataset twice as large
+            return SubsetRandomSampler(torch.randperm(2 * self.num_samples + 1, generator=g)[: self.num_samples].tolist())
+        weights = torch.rand(max(self.num_samples // 2, 1), generator=g) + 0.05  # fewer indices than draws: repeats
+        return WeightedRandomSampler(weights, num_samples=self.num_samples, replacement=True)
+
     def sampler(self, offset: int) -> EpochSampler:
+        source = UserOrder(self.user_sampler(), self.seed) if self.source else None
         sampler = EpochSampler(self.num_samples, self.seed, self.shuffle, self.micro_batch_samples,
-                               self.step_samples, self.drop_last)
+                               self.step_samples, self.drop_last, source=source)
         sampler.set_position(self.epoch, offset)
         return sampler
 
@@ -106,6 +120,7 @@ def setups_on(world_sizes: st.SearchStrategy[int]) -> st.SearchStrategy[Setup]:
         batch_size=st.integers(1, 16),
         world_size=world_sizes,
         grad_accum_steps=st.integers(1, 4),
+        source=st.sampled_from([None, "subset", "weighted"]),
     )
 
 
@@ -119,6 +134,8 @@ EDGES = [
     Setup(23, 1, False, True, 3, 4, 3, 2),
     Setup(200, 9, True, True, 0, 16, 3, 4),
     Setup(199, 2, True, False, 1, 3, 2, 3),
+    Setup(7, 5, True, False, 1, 2, 3, 4, "weighted"),
+    Setup(23, 1, False, True, 3, 4, 3, 2, "subset"),
 ]
 
 
@@ -135,9 +152,9 @@ def ints(batch) -> list[int]:
     return batch.tolist() if isinstance(batch, torch.Tensor) else [int(i) for i in batch]
 
 
-def wrapped(setup: Setup, length: int) -> list[int]:
+def wrapped(setup: Setup, length: int, order: list[int] | None = None) -> list[int]:
     """The oracle: the epoch's order, repeated as far as `length` (padding wraps around)."""
-    order = setup.sampler(0).order().tolist()
+    order = order or setup.sampler(0).order().tolist()
     return [order[i % len(order)] for i in range(length)]
 
 
@@ -176,6 +193,11 @@ def seen(micro_batches: list[list[int]]) -> list[int]:
     return sum(micro_batches, [])
 
 
+def within(part: list[int], whole: list[int]) -> bool:
+    """`part` holds no index more often than `whole` does (multiset inclusion)."""
+    return not (Counter(part) - Counter(whole))
+
+
 # ---- 1. whole optimizer steps; every index once (plus < one step of padding) or, with drop_last, never twice ----
 
 @MATRIX
@@ -190,12 +212,16 @@ def test_an_epoch_is_whole_optimizer_steps(setup):
     assert [len(step) for step in steps] == [setup.step_samples] * (setup.epoch_samples // setup.step_samples)
     samples = seen(micro)
     assert samples == wrapped(setup, setup.epoch_samples)  # the order itself, from offset 0
-    counts = Counter(samples)
+    order = setup.sampler(0).order().tolist()
+    if setup.source == "subset":  # the user's subset, each index once: nothing else, nothing lost
+        assert sorted(order) == sorted(setup.user_sampler().indices)
+    elif setup.source is None:
+        assert sorted(order) == list(range(setup.num_samples))
     if setup.drop_last:
-        assert max(counts.values()) == 1
+        assert within(samples, order)  # no draw twice
         assert len(samples) == (setup.num_samples // setup.step_samples) * setup.step_samples
     else:
-        assert set(counts) == set(range(setup.num_samples))
+        assert within(order, samples)  # every draw
         assert 0 <= len(samples) - setup.num_samples < setup.step_samples  # the padding
 
 
@@ -251,6 +277,7 @@ def test_a_resume_at_every_step_boundary_continues_the_epoch(setup, salt, fast):
     uninterrupted = global_micro_batches(deal(setup, 0))
     whole = seen(uninterrupted)
     boundaries = setup.epoch_samples // setup.step_samples
+    order = setup.sampler(0).order().tolist()
     # k == boundaries: resumed at the end of the epoch's data, as an older checkpoint could be.
     for k in range(boundaries + 1):
         offset = k * setup.step_samples
@@ -266,23 +293,21 @@ def test_a_resume_at_every_step_boundary_continues_the_epoch(setup, salt, fast):
             after = seen(micro)
             combined = before + after
             # The resumed run continues the same order: what is seen is a stretch of W from its start.
-            assert combined == wrapped(setup, len(combined))
+            assert combined == wrapped(setup, len(combined), order)
             assert len(after) % resumed.micro_batch_samples == 0
             steps = optimizer_steps(micro, resumed.grad_accum_steps)
             assert all(len(step) == resumed.step_samples for step in steps[:-1])
             if resumed.step_samples == setup.step_samples:  # the same size of step: bitwise the same epoch
                 assert combined == whole
                 assert steps == optimizer_steps(uninterrupted, setup.grad_accum_steps)[k:]
-            counts = Counter(combined)
-            dup = len(combined) - len(counts)
             if setup.drop_last:
-                assert dup == 0  # none seen twice
+                assert within(combined, order)  # none seen twice
                 assert setup.num_samples - len(combined) < max(setup.step_samples, resumed.step_samples)
             else:
-                # No index lost: what the resumed run still had to deal, it dealt.
-                missing = set(range(setup.num_samples)) - set(before)
-                assert set(after) - set(before) == missing
-                assert set(counts) == set(range(setup.num_samples))
+                # No draw lost: what the resumed run still had to deal, it dealt.
+                missing = Counter(order) - Counter(before)
+                assert not (missing - Counter(after))
+                assert within(order, combined)
                 # None seen twice apart from the padding of one of the two runs.
                 assert len(combined) - setup.num_samples < max(setup.step_samples, resumed.step_samples)
 
@@ -330,3 +355,59 @@ def test_resume_at_the_end_of_the_epoch_through_the_built_loader(tmp_path, path)
     assert sampler.epoch_samples == 112  # 101 padded to 7 steps of 16
     sampler.set_position(1, sampler.epoch_samples)
     assert list(loader) == [] and len(loader) == 0
+
+
+# ---- 5. the batch_sampler path: the user's batches, variable sizes included, dealt whole ----
+
+class Bucketed(torch.utils.data.Sampler):
+    """A user's batch sampler: a permutation cut into batches of random sizes, drawn from `self.generator`."""
+
+    def __init__(self, num_samples: int, max_batch: int):
+        self.num_samples, self.max_batch, self.generator = num_samples, max_batch, None
+
+    def __iter__(self):
+        order, start = torch.randperm(self.num_samples, generator=self.generator).tolist(), 0
+        while start < self.num_samples:
+            size = int(torch.randint(1, self.max_batch + 1, (1,), generator=self.generator))
+            yield order[start : start + size]
+            start += size
+
+
+def deal_batches(num_samples, max_batch, seed, epoch, world_size, grad_accum_steps, offset, unit=4) -> list[list[int]]:
+    """The batches the ranks train on from `offset` (in batches), in global order (rank 0's k-th, rank 1's k-th, ...)."""
+    source = UserOrder(Bucketed(num_samples, max_batch), seed, batches=True)
+    sampler = EpochSampler(0, seed, False, world_size, world_size * grad_accum_steps, source=source, unit_samples=unit)
+    sampler.set_position(epoch, offset * unit)  # the loop counts `unit` (its batch_size) samples per batch
+    ranks = []
+    for rank in range(world_size):
+        shard = BatchSamplerShard(UserBatches(sampler, source), world_size, rank, split_batches=False, even_batches=True)
+        got = [ints(b) for b in shard]
+        assert len(got) == len(shard) and all(got), "an empty batch, or len() is not what is yielded"
+        ranks.append(got)
+    assert len({len(got) for got in ranks}) == 1, "ranks take different numbers of batches"
+    return [ranks[rank][k] for k in range(len(ranks[0])) for rank in range(world_size)]
+
+
+@MATRIX
+@example(1, 9, 0, 0, 3, 4, 0, 1)  # a single batch, wrapped to a whole step of 12
+@given(st.integers(1, 120), st.integers(1, 9), st.integers(0, 2**32 - 1), st.integers(0, 3), st.integers(1, 3),
+       st.integers(1, 4), st.integers(0, 2**16), st.integers(1, 3))
+def test_the_batch_sampler_path_deals_the_users_batches_whole(num_samples, max_batch, seed, epoch, world_size,
+                                                              grad_accum_steps, pick, other_world_size):
+    draw = UserOrder(Bucketed(num_samples, max_batch), seed, batches=True).draw(epoch)
+    assert sorted(sum(draw, [])) == list(range(num_samples))  # the user's own batches, as it drew them
+    step = world_size * grad_accum_steps
+    steps = math.ceil(len(draw) / step)
+    whole = deal_batches(num_samples, max_batch, seed, epoch, world_size, grad_accum_steps, 0)
+    # Global micro-batch k is draw batches kW .. kW+W-1, whole; the tail wraps to a whole optimizer step.
+    assert whole == [draw[i % len(draw)] for i in range(steps * step)]
+    # A resume at a step boundary, on this world size and on another whose global micro-batch divides it.
+    offset = pick % (steps + 1) * step
+    for resumed_world, resumed_accum in {(world_size, grad_accum_steps), (other_world_size, 1 + pick % 4)}:
+        if offset % resumed_world:
+            continue  # refused by the checkpoint's position check
+        combined = whole[:offset] + deal_batches(num_samples, max_batch, seed, epoch, resumed_world, resumed_accum, offset)
+        assert combined == [draw[i % len(draw)] for i in range(len(combined))]
+        assert len(combined) >= len(draw) and (len(combined) - offset) % resumed_world == 0
+        if (resumed_world, resumed_accum) == (world_size, grad_accum_steps):
+            assert combined == whole
