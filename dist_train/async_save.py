@@ -30,19 +30,19 @@ from .state import TrainState
 
 
 class HostCopier:
-    """Copies tensors to the host; on a GPU into pinned buffers kept from one snapshot to the next."""
+    """Copies tensors into host buffers kept from one snapshot to the next (pinned on a GPU), so a
+    snapshot is one memory copy, without allocating (and page-faulting in) a fresh copy each time."""
 
     def __init__(self):
-        self._pinned: dict[tuple, torch.Tensor] = {}
+        self._buffers: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, value, key: tuple = ()):
         if isinstance(value, torch.Tensor):
-            if value.device.type == "cpu":
-                return value.detach().clone()
-            buffer = self._pinned.get(key)
+            buffer = self._buffers.get(key)
             if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
-                buffer = self._pinned[key] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            return buffer.copy_(value.detach(), non_blocking=True)
+                pinned = value.device.type == "cuda"
+                buffer = self._buffers[key] = torch.empty(value.shape, dtype=value.dtype, pin_memory=pinned)
+            return buffer.copy_(value.detach(), non_blocking=buffer.is_pinned())
         if isinstance(value, dict):
             return {k: self(v, (*key, k)) for k, v in value.items()}
         if isinstance(value, (list, tuple)):

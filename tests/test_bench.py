@@ -89,3 +89,12 @@ def test_gpu_mode_without_a_gpu_says_so(tmp_path):
     assert result.returncode != 0
     assert "needs a CUDA GPU" in result.stderr
     assert not (tmp_path / "gpu.json").exists()
+
+
+def test_async_checkpoint_benchmark_runs(tmp_path):
+    """The stall benchmark (bench/RESULTS.md) end to end on a small model; no timing is asserted."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "bench.async_checkpoint", "--mib", "4", "--saves", "2", "--steps", "4",
+                             "--dir", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "async_checkpoint, stall per checkpoint" in result.stdout and "hang watchdog: median step" in result.stdout
