@@ -300,7 +300,7 @@ class Checkpointer:
             weights[i] = self.accelerator.unwrap_model(models[i], keep_torch_compile=False).state_dict()
 
     # ---- resuming ------------------------------------------------------------------------------
-    def resume(self) -> None:
+    def resume(self, exact_mid_epoch: bool = True, counts_batches: bool = False) -> None:
         """Load the checkpoint `cfg.resume` names (auto: newest complete one; none: start fresh)."""
         if not self.enabled:
             return
@@ -310,7 +310,7 @@ class Checkpointer:
             raise UserError(error)
         if path is None:
             return
-        self._check_position(path, manifest)
+        self._check_position(path, manifest, exact_mid_epoch, counts_batches)
         changes = self._check_config(Path(path))
         self._load(Path(path), manifest)
         if self.accelerator.is_main_process:
@@ -377,7 +377,7 @@ class Checkpointer:
             return str(path), manifest, None
         return None, None, None
 
-    def _check_position(self, path: str, manifest: dict) -> None:
+    def _check_position(self, path: str, manifest: dict, exact_mid_epoch: bool = True, counts_batches: bool = False) -> None:
         """Same kind of sharding, and a mid-epoch position on a global micro-batch boundary of this run."""
         was_fsdp, is_fsdp = "FSDP" in manifest["distributed_type"], "FSDP" in str(self.accelerator.distributed_type)
         if was_fsdp != is_fsdp:
@@ -386,6 +386,19 @@ class Checkpointer:
                 f"{'' if is_fsdp else 'not '}FSDP; resume it the same way, or `dist-train export` it and start from the weights."
             )
         consumed = int(manifest["samples_consumed"])
+        if consumed and not exact_mid_epoch:
+            raise UserError(
+                f"checkpoint {path} stopped {consumed} samples into epoch {manifest['epoch']}, and this run's training data "
+                "(an IterableDataset, or a loader with its own batch_sampler) cannot be restarted at that position: its "
+                "epoch would silently start again. Resume from an epoch-end checkpoint (resume: PATH), or save only at "
+                "epoch ends (checkpoint_every: null) with such data."
+            )
+        if consumed and counts_batches and int(manifest["batch_size"]) != self.cfg.batch_size:
+            raise UserError(
+                f"checkpoint {path} stopped mid-epoch with batch_size {manifest['batch_size']}; with your batch_sampler the "
+                f"position is counted in batches of batch_size, so resume with batch_size: {manifest['batch_size']} "
+                "(or from an epoch-end checkpoint)."
+            )
         global_batch = self.cfg.batch_size * self.accelerator.num_processes
         if consumed % global_batch:
             raise UserError(

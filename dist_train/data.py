@@ -23,7 +23,10 @@ Which order:
   and process (`TrainState.samples_consumed`), so the position is `samples_consumed // batch_size`
   batches: a mid-epoch resume needs the `batch_size` the run was started with. `DataLoader(batch_size=None)`
   without a batch_sampler (automatic batching off) is refused: it has no batches to deal.
-- An `IterableDataset` is kept as it is, with a warning: its order is not dist_train's to fix.
+- An `IterableDataset` (a stream) is kept as it is: Accelerate dispatches it (rank 0 reads the stream
+  and sends each rank its slice of every global batch), so each sample is trained on once per epoch,
+  whatever the world size; its epoch ends when the stream does. Its position is not saved, so a
+  checkpoint in the middle of its epoch is refused on resume (`Checkpointer._check_position`).
 
 The epoch is cut into whole optimizer steps of `batch_size x world_size x grad_accum_steps` samples
 (`world_size x grad_accum_steps` batches on the batch_sampler path): the last, partial step is
@@ -35,7 +38,6 @@ DataLoader says `drop_last=True`. So every optimizer step averages the same numb
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Iterator
 
 import torch
@@ -191,11 +193,7 @@ def _own_order(sampler, dataset) -> bool | None:
 def _with_epoch_sampler(loader: DataLoader, cfg: Config, world_size: int) -> DataLoader:
     """Rebuild the user's training loader around an EpochSampler, keeping everything else it set."""
     if isinstance(loader.dataset, IterableDataset):
-        warnings.warn(
-            "The training DataLoader uses an IterableDataset: dist_train keeps it as is, so the sample order "
-            "and a mid-epoch resume are not guaranteed to be exact."
-        )
-        return loader
+        return loader  # a stream: Accelerate dispatches it (see the module docstring)
     if loader.batch_size is None:
         return _with_user_batches(loader, cfg, world_size)
     shuffle = _own_order(loader.sampler, loader.dataset)
@@ -294,18 +292,3 @@ def epoch_sampler(loader) -> EpochSampler | None:
             return sampler
         batch_sampler = getattr(batch_sampler, "batch_sampler", None)
     return None
-
-
-def split_batch(batch, data_spec: str):
-    """(inputs, targets) from a batch, or a UserError saying what the loader yielded instead."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch
-    if isinstance(batch, dict) and {"inputs", "targets"} <= batch.keys():
-        return batch["inputs"], batch["targets"]
-    kind = type(batch).__name__ + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-    raise UserError(
-        f"data: the loader from {data_spec!r} yielded a {kind}; each batch must be (inputs, targets), "
-        "e.g. a Dataset whose __getitem__ returns (x, y)."
-    )
-
-

@@ -110,11 +110,28 @@ def _build(cfg: Config, accelerator: Accelerator) -> tuple:
     return accelerator.prepare(model, optimizer, train_loader, val_loader)
 
 
-def _total_steps(cfg: Config, steps_per_epoch: int) -> int:
+def _steps_per_epoch(train_loader, cfg: Config) -> int | None:
+    """Optimizer steps per epoch; None for a stream without a length (its epoch ends when the data does)."""
+    try:
+        return math.ceil(len(train_loader) / cfg.grad_accum_steps)
+    except TypeError:
+        return None
+
+
+def _total_steps(cfg: Config, steps_per_epoch: int | None) -> float:
     if cfg.fast_dev_run:
         total = math.ceil(cfg.fast_dev_run / cfg.grad_accum_steps)
+    elif cfg.max_steps is not None:
+        total = cfg.max_steps
+    elif steps_per_epoch is None:
+        if cfg.lr_schedule != "constant":
+            raise UserError(
+                f"lr_schedule: {cfg.lr_schedule} needs the run's length in optimizer steps, and the training data is a "
+                "stream without a length (an IterableDataset without __len__); set max_steps, or lr_schedule: constant."
+            )
+        return math.inf  # the epochs end when the data does
     else:
-        total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+        total = cfg.epochs * steps_per_epoch
     if cfg.warmup_steps > total and not cfg.fast_dev_run:  # a smoke test of the real config stays valid
         raise UserError(f"warmup_steps ({cfg.warmup_steps}) is larger than the run's {total} optimizer steps; lower warmup_steps.")
     return total
@@ -142,8 +159,7 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
     cfg, (model, optimizer, train_loader, val_loader) = fit_batch_size(cfg, accelerator, lambda c: _build(c, accelerator), loss_fn)
     sampler = epoch_sampler(train_loader)
 
-    steps_per_epoch = math.ceil(len(train_loader) / cfg.grad_accum_steps)
-    total_steps = _total_steps(cfg, steps_per_epoch)
+    total_steps = _total_steps(cfg, _steps_per_epoch(train_loader, cfg))
     optimizer = LeanOptimizer(optimizer)  # Accelerate's step/zero_grad semantics without its per-step overhead
     parameters = [p for p in model.parameters() if p.requires_grad]  # listed once, not per step
     scheduler = accelerator.prepare(build_scheduler(cfg, optimizer.stepped, total_steps))
@@ -151,7 +167,9 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
     accelerator.register_for_checkpointing(state)
     checkpointer = Checkpointer(cfg, accelerator, state, model, optimizer.accelerated, scheduler)
     teardown.callback(checkpointer.close)  # a background checkpoint write finishes on every exit
-    checkpointer.resume()  # before anything reads `state` (progress bar, profiler, the stop test)
+    # Before anything reads `state` (progress bar, profiler, the stop test). Mid-epoch only where dist_train
+    # owns the order (a stream without a saved position would silently start its epoch again).
+    checkpointer.resume(exact_mid_epoch=sampler is not None, counts_batches=sampler is not None and sampler.unit_samples != 1)
     apply_config(optimizer.stepped, scheduler.scheduler, cfg)  # a resumed run follows this config's lr, not the checkpoint's
     if accelerator.is_main_process:  # only now: a refused resume leaves the previous run's config.yaml as it was
         (out / "config.yaml").write_text(cfg.to_yaml())  # the config that runs (auto_batch_size's size included)
@@ -167,7 +185,7 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
     unused = UnusedParameterCheck(cfg, accelerator, model)
     micro_batch_samples = cfg.batch_size * accelerator.num_processes
     progress = teardown.enter_context(tqdm(
-        total=total_steps, initial=state.optimizer_step, unit="step", dynamic_ncols=True,
+        total=total_steps if math.isfinite(total_steps) else None, initial=state.optimizer_step, unit="step", dynamic_ncols=True,
         disable=not (accelerator.is_main_process and cfg.progress and os.isatty(1)),
     ))
     teardown.enter_context(torch.autograd.detect_anomaly() if cfg.detect_anomaly else contextlib.nullcontext())
