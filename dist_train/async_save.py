@@ -26,6 +26,7 @@ import torch
 from accelerate.utils import gather_object
 from accelerate.utils import save as accelerate_save
 
+from .accelerate_internals import micro_step
 from .state import TrainState
 
 
@@ -61,7 +62,7 @@ def rng_state(step: int) -> dict:
 
 def take_snapshot(accelerator, model, optimizer, scheduler, state: TrainState, copier: HostCopier) -> dict:
     """Everything a checkpoint holds, as of now (all ranks call it; only the main process keeps a copy)."""
-    rngs = gather_object([rng_state(accelerator.step)])
+    rngs = gather_object([rng_state(micro_step(accelerator))])
     if not accelerator.is_main_process:
         return {}
     weights = accelerator.unwrap_model(model, keep_torch_compile=False).state_dict()

@@ -27,14 +27,24 @@ import yaml
 from accelerate.utils import broadcast_object_list, gather_object
 from safetensors import SafetensorError
 
-from .config import Config
+from .accelerate_internals import (
+    PLAIN_BACKENDS,
+    safe_custom_state_loader,
+    set_micro_step,
+)
 from .async_save import BackgroundWriter, HostCopier, take_snapshot, write_snapshot
+from .config import Config
 from .dcp_check import check_dcp_folder
-from .lean import PLAIN_BACKENDS
 from .errors import UserError
+from .manifest import (
+    InvalidCheckpoint,
+    fsync_path,
+    read_manifest,
+    verify,
+    write_manifest,
+)
 from .resume_policy import check_changes
-from .manifest import InvalidCheckpoint, fsync_path, read_manifest, verify, write_manifest
-from .safe_load import load_unwrapped_weights, restore_rng, safe_custom_state_loader, safe_torch_load
+from .safe_load import load_unwrapped_weights, restore_rng, safe_torch_load
 from .state import TrainState
 
 PAUSE_ENV = "DIST_TRAIN_TEST_PAUSE_IN_SAVE"  # "STEP:MARKER": tests kill the process inside this save
@@ -435,4 +445,4 @@ class Checkpointer:
             restore_rng(rng, acc)
         # Checkpoints sit on optimizer-step boundaries: the next micro-batch starts a step, also when
         # grad_accum_steps changed since (Accelerate's restored micro-step count would be off by it).
-        acc.step = 0
+        set_micro_step(acc, 0)

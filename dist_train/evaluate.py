@@ -7,7 +7,7 @@ from accelerate import Accelerator
 
 from .batches import batch_size_of, call_model, split_batch
 from .errors import UserError
-from .plugins import Loss, logits_of
+from .loss import Loss, logits_of
 
 
 def _is_classification(loss: Loss, outputs, targets) -> bool:

@@ -21,28 +21,35 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, broadcast_object_list, DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    broadcast_object_list,
+    set_seed,
+)
 from tqdm.auto import tqdm
 
+from .accelerate_internals import LeanOptimizer
 from .batch_size import fit_batch_size
+from .batches import call_model, split_batch
 from .checkpoint import Checkpointer
 from .config import Config
-from .batches import call_model, split_batch
 from .data import build_loaders, epoch_sampler
 from .errors import UserError
-from .lean import LeanOptimizer, can_fuse
+from .loss import Loss
 from .metrics import MetricsLogger, check_trackers_installed
 from .nonfinite import NonfiniteGuard
 from .nonfinite import grad_norm as _grad_norm
+from .optim import apply_config, build_optimizer, build_scheduler, can_fuse
 from .plot import plot_if_available
-from .plugins import Loss, build_model, build_optimizer
+from .plugins import build_model
 from .preemption import Preemption
 from .profiling import StepProfiler
 from .run_lock import RunLock
-from .schedule import apply_config, build_scheduler
 from .state import TrainState
-from .unused import UnusedParameterCheck
 from .stragglers import StragglerMonitor
+from .unused import UnusedParameterCheck
 from .validation import Validator
 from .watchdog import HangWatchdog, clear_stale, enable_flight_recorder
 

@@ -13,9 +13,9 @@ import math
 import torch
 from accelerate import Accelerator
 
+from .accelerate_internals import PLAIN_BACKENDS
 from .config import Config
 from .errors import UserError
-from .lean import PLAIN_BACKENDS
 from .state import TrainState
 
 

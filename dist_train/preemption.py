@@ -25,11 +25,12 @@ import signal
 import subprocess
 import sys
 import threading
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from accelerate.utils import broadcast_object_list
+
+from .accelerate_internals import process_group_timeout
 
 # Agreed flag values; the largest wins across ranks: a requeue request beats a plain stop.
 _NONE, _STOP, _REQUEUE = 0, 1, 2
@@ -52,7 +53,7 @@ class Preemption:
             # The side group gets the run's collective timeout (new_group's own default is 30 min), so a
             # rank that died is noticed here as soon as in the training's collectives.
             self._group = (dist.group.WORLD if dist.get_backend() == "gloo"
-                           else dist.new_group(backend="gloo", timeout=_collective_timeout(accelerator)))
+                           else dist.new_group(backend="gloo", timeout=process_group_timeout(accelerator)))
         if threading.current_thread() is threading.main_thread():  # signal.signal only works there
             for sig in _SIGNAL_ACTION:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -132,11 +133,6 @@ class Preemption:
         self._previous = {}
 
 
-def _collective_timeout(accelerator) -> timedelta | None:
-    """The timeout the run's process group was made with (`collective_timeout_s`, passed to the
-    Accelerator as InitProcessGroupKwargs); None (torch's default) when the Accelerator got none."""
-    handler = getattr(accelerator, "init_handler", None)
-    return getattr(handler, "timeout", None)
 
 
 def slurm_job_id() -> str | None:

@@ -6,7 +6,6 @@ rebuilds tensors and plain containers (plus numpy's RNG-state types, as Accelera
 
 from __future__ import annotations
 
-import contextlib
 import pickle
 import random
 from pathlib import Path
@@ -17,6 +16,7 @@ from accelerate.utils import load as accelerate_load
 from safetensors import safe_open
 from safetensors.torch import load_model
 
+from .accelerate_internals import set_micro_step
 from .errors import UserError
 
 
@@ -30,30 +30,6 @@ def safe_torch_load(path: Path):
             f"checkpoint file {path} holds pickled objects other than tensors; refusing to unpickle it "
             f"(torch.load weights_only=True: {first_line}). Only load checkpoints you trust."
         ) from None
-
-
-@contextlib.contextmanager
-def safe_custom_state_loader():
-    """Route Accelerate's loading of registered objects (TrainState) through weights_only=True.
-
-    `Accelerator.load_state` loads them with `weights_only=False`, i.e. it would run any pickled code
-    planted in `custom_checkpoint_N.pkl`; there is no option to change that, so the loader it calls
-    is swapped for the duration of the load.
-    """
-    import accelerate.accelerator as accelerator_module
-
-    if not hasattr(accelerator_module, "load_custom_state"):
-        raise RuntimeError("this accelerate version no longer exposes load_custom_state; update dist_train's safe loader")
-
-    def load_custom_state(obj, path, index=0):
-        obj.load_state_dict(safe_torch_load(Path(path) / f"custom_checkpoint_{index}.pkl"))
-
-    original = accelerator_module.load_custom_state
-    accelerator_module.load_custom_state = load_custom_state
-    try:
-        yield
-    finally:
-        accelerator_module.load_custom_state = original
 
 
 def load_unwrapped_weights(accelerator, models, input_dir) -> None:
@@ -78,7 +54,7 @@ def restore_rng(rng: dict, accelerator) -> None:
     torch.set_rng_state(rng["torch_manual_seed"])
     if torch.cuda.is_available() and "torch_cuda_manual_seed" in rng:
         torch.cuda.set_rng_state_all(rng["torch_cuda_manual_seed"][: torch.cuda.device_count()])
-    accelerator.step = rng.get("step", 0)
+    set_micro_step(accelerator, rng.get("step", 0))
 
 
 def check_shapes(module: torch.nn.Module, path: Path) -> None:

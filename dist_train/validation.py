@@ -11,8 +11,8 @@ from accelerate import Accelerator
 
 from .config import Config
 from .evaluate import evaluate
+from .loss import Loss
 from .metrics import MetricsLogger
-from .plugins import Loss
 from .state import TrainState
 from .stopping import EarlyStopping
 

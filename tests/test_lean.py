@@ -1,14 +1,15 @@
-"""LeanOptimizer (dist_train/lean.py) steps exactly as Accelerate's optimizer wrapper, minus its per-step lookups."""
+"""LeanOptimizer (dist_train/accelerate_internals.py) steps exactly as Accelerate's optimizer wrapper, minus its per-step lookups."""
 
 from __future__ import annotations
 
 import copy
 
 import accelerate.optimizer
+import pytest
 import torch
 from accelerate import Accelerator
 
-from dist_train.lean import LeanOptimizer
+from dist_train.accelerate_internals import LeanOptimizer
 
 
 def test_same_updates_as_accelerate_under_accumulation(monkeypatch):
@@ -48,10 +49,22 @@ def test_same_updates_as_accelerate_under_accumulation(monkeypatch):
 def test_fused_optimizer_only_where_it_is_exact():
     from accelerate.utils import DistributedType
 
-    from dist_train.lean import can_fuse
+    from dist_train.optim import can_fuse
 
     dense = torch.nn.Linear(4, 2)
     assert can_fuse(dense, "no", DistributedType.NO) and can_fuse(dense, "bf16", DistributedType.MULTI_GPU)
     assert not can_fuse(dense, "fp16", DistributedType.NO)  # Accelerate must still see the scaler's skipped steps
     assert not can_fuse(dense, "no", DistributedType.FSDP) and not can_fuse(dense, "no", DistributedType.DEEPSPEED)
     assert not can_fuse(torch.nn.Embedding(10, 4, sparse=True), "no", DistributedType.NO)  # fused kernels refuse sparse grads
+
+
+def test_the_installed_accelerate_is_one_the_internals_were_checked_against():
+    """Fails loudly on an untested Accelerate: dist_train/accelerate_internals.py must be rechecked first."""
+    import accelerate
+
+    from dist_train.accelerate_internals import TESTED_ACCELERATE, check_version
+
+    check_version()  # the installed one (pyproject.toml pins the same range)
+    with pytest.raises(RuntimeError, match="checked against Accelerate 1.15.x, not 1.16.0"):
+        check_version("1.16.0")
+    assert accelerate.__version__.rsplit(".", 1)[0] in TESTED_ACCELERATE

@@ -1,0 +1,106 @@
+"""Every use dist_train makes of Accelerate beyond its documented surface, in one place.
+
+Checked against Accelerate 1.15 (the bound in pyproject.toml; `check_version` and a test fail loudly
+on any other version, so an upgrade is a deliberate act: rerun the suite, then widen the bound).
+
+- `LeanOptimizer`: `AcceleratedOptimizer.step()` looks up the `lomo_optim` package on disk twice per
+  call (an uncached `importlib.util.find_spec`, more than the whole forward pass of a small MLP on a
+  CPU) and `zero_grad()` inspects the torch optimizer's signature every call. Where the wrapper adds
+  nothing else (no fp16 loss scaler, no XLA, no DeepSpeed/Megatron engine) both forward to the torch
+  optimizer, on gradient-sync steps only; everywhere else Accelerate's wrapper is called, so fp16
+  overflow skips and the other back ends keep their behaviour. It reads the wrapper's `optimizer`,
+  `scaler`, `gradient_state` and `accelerator_state` attributes.
+- `safe_custom_state_loader`: `Accelerator.load_state` loads registered objects with
+  `weights_only=False` (it would run pickled code planted in `custom_checkpoint_N.pkl`); the loader it
+  calls, `accelerate.accelerator.load_custom_state`, is swapped for the duration of a load.
+- `micro_step` / `set_micro_step`: `Accelerator.step`, the micro-batch counter `accumulate()` syncs on.
+- `process_group_timeout`: the `InitProcessGroupKwargs` the Accelerator was made with (`init_handler`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import timedelta
+from pathlib import Path
+
+import accelerate
+import torch
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import DistributedType
+
+TESTED_ACCELERATE = ("1.15",)  # major.minor releases this module was checked against
+
+
+def check_version(version: str = accelerate.__version__) -> None:
+    """Raise if the installed Accelerate is not one this module was checked against."""
+    if ".".join(version.split(".")[:2]) not in TESTED_ACCELERATE:
+        raise RuntimeError(
+            f"dist_train relies on Accelerate internals checked against Accelerate {', '.join(TESTED_ACCELERATE)}.x, "
+            f"not {version}: see dist_train/accelerate_internals.py, rerun the tests, then widen TESTED_ACCELERATE "
+            "and the bound in pyproject.toml."
+        )
+
+
+# Back ends whose AcceleratedOptimizer.step is `if sync_gradients: optimizer.step()` when there is no scaler.
+PLAIN_BACKENDS = {DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU}
+
+
+class LeanOptimizer:
+    def __init__(self, accelerated: AcceleratedOptimizer):
+        self.accelerated = accelerated
+        self._gradient_state = accelerated.gradient_state
+        self._direct = accelerated.scaler is None and accelerated.accelerator_state.distributed_type in PLAIN_BACKENDS
+        # The object whose `step` runs: an LR scheduler must wrap this one to see the steps.
+        self.stepped: torch.optim.Optimizer = accelerated.optimizer if self._direct else accelerated
+
+    def step(self) -> None:
+        """The optimizer step on gradient-sync steps; a no-op between accumulation boundaries."""
+        if not self._direct:
+            self.accelerated.step()
+        elif self._gradient_state.sync_gradients:
+            self.stepped.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if not self._direct:
+            self.accelerated.zero_grad(set_to_none=set_to_none)
+        elif self._gradient_state.sync_gradients:
+            self.stepped.zero_grad(set_to_none=set_to_none)
+
+
+@contextlib.contextmanager
+def safe_custom_state_loader():
+    """Route Accelerate's loading of registered objects (TrainState) through weights_only=True.
+
+    `Accelerator.load_state` loads them with `weights_only=False`, i.e. it would run any pickled code
+    planted in `custom_checkpoint_N.pkl`; there is no option to change that, so the loader it calls
+    is swapped for the duration of the load.
+    """
+    import accelerate.accelerator as accelerator_module
+
+    from .safe_load import safe_torch_load
+
+    def load_custom_state(obj, path, index=0):
+        obj.load_state_dict(safe_torch_load(Path(path) / f"custom_checkpoint_{index}.pkl"))
+
+    original = accelerator_module.load_custom_state
+    accelerator_module.load_custom_state = load_custom_state
+    try:
+        yield
+    finally:
+        accelerator_module.load_custom_state = original
+
+
+def micro_step(accelerator) -> int:
+    """Micro-batches since the last optimizer step's sync (what `accumulate()` counts)."""
+    return accelerator.step
+
+
+def set_micro_step(accelerator, step: int) -> None:
+    accelerator.step = step
+
+
+def process_group_timeout(accelerator) -> timedelta | None:
+    """The timeout the run's process group was made with (`collective_timeout_s`, passed to the
+    Accelerator as InitProcessGroupKwargs); None (torch's default) when the Accelerator got none."""
+    handler = getattr(accelerator, "init_handler", None)
+    return getattr(handler, "timeout", None)
