@@ -24,8 +24,8 @@ from accelerate import Accelerator
 from accelerate.utils import find_executable_batch_size
 from accelerate.utils.memory import should_reduce_batch_size
 
-from .config import Config
 from .batches import batch_size_of, call_model, split_batch
+from .config import Config
 from .errors import UserError
 
 
