@@ -138,3 +138,43 @@ SLOW_MODEL = textwrap.dedent('''
             return super().forward(x)
 ''')
 """`slow_model.py:SlowModel` for a seed project (write it beside its model.py)."""
+
+
+def import_file(path: Path, name: str | None = None):
+    """A user's Python file, imported by path (as the test's reference builds the model by hand)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name or f"test_import_{Path(path).stem}_{abs(hash(str(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_weights_equal(got: dict | Path, want: dict | Path, exact: bool = True, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    """Same keys and tensors: bitwise (`exact`), or within rtol/atol. Paths are run folders (their model.safetensors)."""
+    got = load_weights(got) if isinstance(got, (str, Path)) else got
+    want = load_weights(want) if isinstance(want, (str, Path)) else want
+    assert got.keys() == want.keys(), sorted(set(got) ^ set(want))
+    for key in want:
+        if exact:
+            assert torch.equal(got[key], want[key]), f"{key} differs"
+        else:
+            torch.testing.assert_close(got[key], want[key], rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def train_in_process(args: list[str]) -> dict:
+    """`dist_train.train` on `key=value` args, in this process (one rank; faster than a CLI run)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    from dist_train import load_config, train
+
+    def reset() -> None:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        PartialState._reset_state()
+
+    reset()
+    try:
+        return train(load_config(None, args))
+    finally:
+        reset()

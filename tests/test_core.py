@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from helpers import load_weights, read_metrics, run_cli, seed_project_args, val_records, write_seed_project
+from helpers import (
+    assert_weights_equal,
+    import_file,
+    load_weights,
+    read_metrics,
+    run_cli,
+    seed_project_args,
+    val_records,
+    write_seed_project,
+)
 
 
 @pytest.fixture(scope="module")
@@ -18,9 +26,7 @@ def project(tmp_path_factory) -> Path:
 
 
 def _user_model_keys(project: Path) -> list[str]:
-    spec = importlib.util.spec_from_file_location("user_model", project / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_file(project / "model.py", "user_model")
     return sorted(module.MyModel().state_dict())
 
 
@@ -58,15 +64,12 @@ def test_two_ranks_match_one_rank_at_the_same_global_batch(project, tmp_path):
     one, two = load_weights(tmp_path / "one"), load_weights(tmp_path / "two")
     initial = load_weights_of_untrained(project)
     assert any(not torch.equal(one[k], initial[k]) for k in one), "training changed nothing"
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+    assert_weights_equal(two, one, exact=False)
     assert [r["step"] for r in val_records(tmp_path / "one")] == [r["step"] for r in val_records(tmp_path / "two")]
 
 
 def load_weights_of_untrained(project: Path) -> dict:
-    spec = importlib.util.spec_from_file_location("user_model_init", project / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_file(project / "model.py", "user_model_init")
     torch.manual_seed(3)
     return module.MyModel().state_dict()
 
@@ -83,9 +86,7 @@ def test_gathered_val_loss_is_the_exact_mean(project, tmp_path):
     assert two["val_accuracy"] == one["val_accuracy"]
     # The reference: the mean over all 101 samples computed here, in one pass, from the saved weights.
     data = torch.load(project / "data.pt", weights_only=True)
-    spec = importlib.util.spec_from_file_location("user_model_ref", project / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_file(project / "model.py", "user_model_ref")
     model = module.MyModel()
     model.load_state_dict(load_weights(tmp_path / "one"))
     with torch.no_grad():
@@ -126,9 +127,7 @@ def test_per_token_loss_is_averaged_per_sample_exactly(tmp_path, nproc):
              "batch_size=4", f"output_dir={out}", "progress=false", "resume=never"], nproc=nproc)
     final = val_records(out)[-1]
     assert final["val_samples"] == 10
-    spec = importlib.util.spec_from_file_location("seq_ref", tmp_path / "seq.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_file(tmp_path / "seq.py", "seq_ref")
     model = module.TokenTagger()
     model.load_state_dict(load_weights(out))
     ids, tags = module.get_dataset(None, train=False).tensors

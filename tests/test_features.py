@@ -12,7 +12,6 @@ Few real runs, each checking several features, with the math checked against a r
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -27,8 +26,18 @@ from safetensors.torch import load_file
 from dist_train.cli import main
 from dist_train.config import load_config
 from dist_train.errors import UserError
-from dist_train.loop import train
-from helpers import cli_command, load_weights, read_metrics, run_cli, seed_project_args, val_records, write_seed_project
+from helpers import (
+    assert_weights_equal,
+    cli_command,
+    import_file,
+    load_weights,
+    read_metrics,
+    run_cli,
+    seed_project_args,
+    train_in_process,
+    val_records,
+    write_seed_project,
+)
 
 NUM_TRAIN, NUM_VAL = 64, 40
 
@@ -73,21 +82,9 @@ def project(tmp_path_factory) -> Path:
     return folder
 
 
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def train_here(project: Path, out: Path, *extra: str) -> dict:
     """One process, in this process: `train` on the seed project (faster than a CLI run)."""
-    _reset_accelerate()
-    try:
-        return train(load_config(None, seed_project_args(project, out, *extra)))
-    finally:
-        _reset_accelerate()
+    return train_in_process(seed_project_args(project, out, *extra))
 
 
 def probe_model(project: Path, **model_args) -> list[str]:
@@ -103,10 +100,7 @@ def expected_lr(step: int, peak: float, schedule: str, warmup: int, total: int) 
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
-    one, two = load_weights(a), load_weights(b)
-    assert one.keys() == two.keys()
-    for key in one:
-        torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6)
+    assert_weights_equal(b, a, exact=False)
 
 
 def log_records(out: Path) -> list[dict]:
@@ -151,9 +145,7 @@ def test_one_clipped_step_matches_a_hand_computation(project, tmp_path):
     """max_grad_norm rescales the global gradient; the logged grad_norm is its norm before clipping."""
     out = tmp_path / "clip"
     train_here(project, out, "batch_size=16", "max_steps=1", "optimizer=sgd", "lr=0.5", "max_grad_norm=0.05", "log_every=1", "seed=5")
-    spec = importlib.util.spec_from_file_location("hand_model", project / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_file(project / "model.py", "hand_model")
     torch.manual_seed(5)
     model = module.MyModel()
     data = torch.load(project / "data.pt", weights_only=True)
@@ -393,11 +385,7 @@ def test_compile_matches_eager(project, reference, tmp_path, nproc):
     """
     args = seed_project_args(project, tmp_path / "compiled", f"batch_size={16 // nproc}", "log_every=1", "compile=true", *COMMON)
     if nproc == 1:
-        _reset_accelerate()
-        try:
-            train(load_config(None, args))
-        finally:
-            _reset_accelerate()
+        train_in_process(args)
     else:
         run_cli(args, nproc=2)
     assert_same_weights(reference, tmp_path / "compiled")  # keys as MyModel's: no `_orig_mod.` prefix
@@ -458,11 +446,7 @@ def test_transformers_model_trains_on_one_and_two_ranks(tmp_path):
     args = [f"model={tmp_path / 'hf_project.py'}:make_model", f"model_args={json.dumps(TINY_BERT)}", f"data={tmp_path / 'hf_project.py'}:get_dataloader",
             "optimizer=sgd", "lr=0.1", "epochs=2", "log_every=2", "progress=false", "resume=never"]
     run_cli([*args, f"output_dir={tmp_path / 'two'}", "batch_size=4"], nproc=2)
-    _reset_accelerate()
-    try:
-        train(load_config(None, [*args, f"output_dir={tmp_path / 'one'}", "batch_size=8"]))
-    finally:
-        _reset_accelerate()
+    train_in_process([*args, f"output_dir={tmp_path / 'one'}", "batch_size=8"])
     assert_same_weights(tmp_path / "one", tmp_path / "two")
     for out in (tmp_path / "one", tmp_path / "two"):
         records = log_records(out)
