@@ -29,6 +29,8 @@ from accelerate.utils import save as accelerate_save
 from .accelerate_internals import micro_step
 from .state import TrainState
 
+DATA_STATE = "data_state.pt"  # a stream's position (its source's state_dict), only in a mid-epoch checkpoint
+
 
 class HostCopier:
     """Copies tensors into host buffers kept from one snapshot to the next (pinned on a GPU), so a
@@ -90,6 +92,8 @@ def write_snapshot(snapshot: dict, folder: Path) -> None:
     for rank, states in enumerate(snapshot["rng"]):
         torch.save(states, folder / f"random_states_{rank}.pkl")
     accelerate_save(snapshot["custom"], folder / "custom_checkpoint_0.pkl")
+    if snapshot.get("data_state") is not None:
+        torch.save(snapshot["data_state"], folder / DATA_STATE)
 
 
 class BackgroundWriter:

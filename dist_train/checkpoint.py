@@ -6,6 +6,9 @@ as safetensors, optimizer, scheduler, one RNG file per rank, the registered Trai
 after every file is on disk, and only then is renamed to `step_N`; older checkpoints are pruned after
 that. A crash at any moment leaves the previous checkpoints as they were.
 
+A mid-epoch checkpoint of a stream with a state (data.py's `StreamBatches`) also holds `data_state.pt`,
+the stream's state after exactly the batches trained on, written before the manifest like every file.
+
 Loading never unpickles code: hashes are checked first (main process), weights come from safetensors,
 everything else through `torch.load(weights_only=True)` — including the registered TrainState, which
 Accelerate itself would load with `weights_only=False`.
@@ -32,7 +35,7 @@ from .accelerate_internals import (
     safe_custom_state_loader,
     set_micro_step,
 )
-from .async_save import BackgroundWriter, HostCopier, take_snapshot, write_snapshot
+from .async_save import DATA_STATE, BackgroundWriter, HostCopier, take_snapshot, write_snapshot
 from .config import Config
 from .dcp_check import check_dcp_folder
 from .errors import UserError
@@ -70,6 +73,7 @@ class Checkpointer:
         self.root = Path(cfg.output_dir) / "checkpoints"
         self.enabled = not cfg.fast_dev_run  # a smoke test leaves no trace and resumes nothing
         self._last_saved: tuple | None = None
+        self._position = None  # the training data's position (data.py's EpochSampler or StreamBatches), from resume
         accelerator.register_save_state_pre_hook(self._save_unwrapped_weights)
         accelerator.register_load_state_pre_hook(lambda models, input_dir: load_unwrapped_weights(accelerator, models, input_dir))
 
@@ -112,6 +116,8 @@ class Checkpointer:
             acc.save_state(str(tmp), safe_serialization=True)  # every rank writes its own RNG file
             if acc.is_main_process:
                 (tmp / "config.yaml").write_text(self.cfg.to_yaml())
+                if (data_state := self._data_state()) is not None:
+                    torch.save(data_state, tmp / DATA_STATE)
         except (OSError, RuntimeError, SafetensorError) as exc:  # torch's zip writer reports I/O errors as RuntimeError
             error = self._write_error(exc)
         self._agree(error, tmp)
@@ -136,6 +142,8 @@ class Checkpointer:
         self.wait()  # at most one save in flight: the previous one is complete (or failed, for all ranks) first
         snapshot = take_snapshot(self.accelerator, *self._live, self.state, self._copier)
         description = self._describe(record)
+        if self.accelerator.is_main_process:
+            snapshot["data_state"] = self._data_state()
         self._last_saved = (self.state.optimizer_step, self.state.state_dict())
         if self.accelerator.is_main_process:
             self._writer.start(lambda: self._write_in_background(snapshot, description, final, tmp))
@@ -199,6 +207,16 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
         return out / "model.safetensors"
 
+    def _data_state(self):
+        """The stream's state after exactly the batches trained on (main process, mid-epoch); None otherwise."""
+        position, consumed = self._position, self.state.samples_consumed
+        if not consumed or not getattr(position, "exact", False) or not hasattr(position, "state_at"):
+            return None
+        state = position.state_at(consumed)
+        if state is None:  # the loader reads ahead; `keep` in data.py bounds by how much
+            raise RuntimeError(f"the stream's state after {consumed} samples was not kept; report this as a dist_train bug")
+        return state
+
     def _describe(self, record: dict | None) -> dict:
         import accelerate
 
@@ -211,6 +229,7 @@ class Checkpointer:
             "step": self.state.optimizer_step,
             "epoch": self.state.epoch,
             "samples_consumed": self.state.samples_consumed,
+            "dataset_length": getattr(self._position, "dataset_length", None),  # map-style only; checked on a mid-epoch resume
             "world_size": self.accelerator.num_processes,
             "batch_size": self.cfg.batch_size,
             "grad_accum_steps": self.cfg.grad_accum_steps,
@@ -310,8 +329,12 @@ class Checkpointer:
             weights[i] = self.accelerator.unwrap_model(models[i], keep_torch_compile=False).state_dict()
 
     # ---- resuming ------------------------------------------------------------------------------
-    def resume(self, exact_mid_epoch: bool = True, counts_batches: bool = False) -> None:
-        """Load the checkpoint `cfg.resume` names (auto: newest complete one; none: start fresh)."""
+    def resume(self, position=None) -> None:
+        """Load the checkpoint `cfg.resume` names (auto: newest complete one; none: start fresh).
+
+        `position` is where the training data starts each epoch (data.py's EpochSampler or StreamBatches;
+        None: it cannot start mid-epoch); later saves record it too."""
+        self._position = position
         if not self.enabled:
             return
         choice = self._choose() if self.accelerator.is_main_process else None
@@ -320,7 +343,10 @@ class Checkpointer:
             raise UserError(error)
         if path is None:
             return
-        self._check_position(path, manifest, exact_mid_epoch, counts_batches)
+        exact_mid_epoch = position is not None and getattr(position, "exact", True)
+        if hasattr(position, "state_at"):  # a stream: exact only with the state its checkpoint holds
+            exact_mid_epoch = exact_mid_epoch and (Path(path) / DATA_STATE).is_file()
+        self._check_position(path, manifest, exact_mid_epoch, position is not None and position.unit_samples != 1)
         changes = self._check_config(Path(path))
         self._load(Path(path), manifest)
         if self.accelerator.is_main_process:
@@ -400,13 +426,21 @@ class Checkpointer:
             raise UserError(
                 f"checkpoint {path} stopped {consumed} samples into epoch {manifest['epoch']}, and this run's training data "
                 "(an IterableDataset, or a loader with its own batch_sampler) cannot be restarted at that position: its "
-                "epoch would silently start again. Resume from an epoch-end checkpoint (resume: PATH), or save only at "
-                "epoch ends (checkpoint_every: null) with such data."
+                "epoch would silently start again. Resume from an epoch-end checkpoint (resume: PATH), save only at "
+                "epoch ends (checkpoint_every: null) with such data, or give the stream (its DataLoader or dataset) "
+                "state_dict() and load_state_dict()."
+            )
+        saved_length, length = manifest.get("dataset_length"), getattr(self._position, "dataset_length", None)
+        if consumed and saved_length is not None and length is not None and int(saved_length) != length:
+            raise UserError(
+                f"checkpoint {path} stopped {consumed} samples into epoch {manifest['epoch']} of a training set of "
+                f"{saved_length} samples, and it now has {length}: the rest of that epoch's order no longer exists. "
+                "Restore the data it was written with, or resume from an epoch-end checkpoint (resume: PATH)."
             )
         if consumed and counts_batches and int(manifest["batch_size"]) != self.cfg.batch_size:
             raise UserError(
-                f"checkpoint {path} stopped mid-epoch with batch_size {manifest['batch_size']}; with your batch_sampler the "
-                f"position is counted in batches of batch_size, so resume with batch_size: {manifest['batch_size']} "
+                f"checkpoint {path} stopped mid-epoch with batch_size {manifest['batch_size']}; with your batch_sampler or "
+                f"stream the position is counted in batches of batch_size, so resume with batch_size: {manifest['batch_size']} "
                 "(or from an epoch-end checkpoint)."
             )
         global_batch = self.cfg.batch_size * self.accelerator.num_processes
@@ -432,6 +466,8 @@ class Checkpointer:
         # A rank the saving run did not have takes the RNG of the rank it replaces (index mod old size).
         rng_file = own_rng if own_rng.is_file() else path / f"random_states_{acc.process_index % manifest['world_size']}.pkl"
         rng = safe_torch_load(rng_file)  # Accelerate would swallow an unreadable RNG file silently
+        if manifest["samples_consumed"] and hasattr(self._position, "restore"):
+            self._restore_stream(path)
         try:
             with safe_custom_state_loader():
                 acc.load_state(str(path))
@@ -446,3 +482,22 @@ class Checkpointer:
         # Checkpoints sit on optimizer-step boundaries: the next micro-batch starts a step, also when
         # grad_accum_steps changed since (Accelerate's restored micro-step count would be off by it).
         set_micro_step(acc, 0)
+
+    def _restore_stream(self, path: Path) -> None:
+        """The stream's saved state into its source (main process: it alone reads the stream); all ranks agree."""
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                state = safe_torch_load(path / DATA_STATE)
+                try:
+                    self._position.restore(state)
+                except Exception as exc:  # the user's code: one line naming it, its message kept
+                    first_line = (str(exc).strip().splitlines() or [""])[0]
+                    error = (
+                        f"checkpoint {path}: {self._position.source_name}.load_state_dict() failed on the saved stream "
+                        f"position ({type(exc).__name__}: {first_line}); fix load_state_dict, or resume from an "
+                        "epoch-end checkpoint (resume: PATH)."
+                    )
+            except UserError as exc:
+                error = str(exc)
+        self._agree(error, None)

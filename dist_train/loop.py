@@ -35,7 +35,7 @@ from .batch_size import fit_batch_size
 from .batches import call_model, split_batch
 from .checkpoint import Checkpointer
 from .config import Config
-from .data import build_loaders, epoch_sampler
+from .data import build_loaders, train_position
 from .errors import UserError
 from .loss import Loss
 from .metrics import MetricsLogger, check_trackers_installed
@@ -164,7 +164,7 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
     loss_fn = Loss(cfg.loss)
     # With auto_batch_size, cfg comes back with the batch size that fits on every rank (saved to config.yaml).
     cfg, (model, optimizer, train_loader, val_loader) = fit_batch_size(cfg, accelerator, lambda c: _build(c, accelerator), loss_fn)
-    sampler = epoch_sampler(train_loader)
+    sampler = train_position(train_loader)  # where each epoch starts: dist_train's order, or the stream's saved state
 
     total_steps = _total_steps(cfg, _steps_per_epoch(train_loader, cfg))
     optimizer = LeanOptimizer(optimizer)  # Accelerate's step/zero_grad semantics without its per-step overhead
@@ -174,9 +174,9 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
     accelerator.register_for_checkpointing(state)
     checkpointer = Checkpointer(cfg, accelerator, state, model, optimizer.accelerated, scheduler)
     teardown.callback(checkpointer.close)  # a background checkpoint write finishes on every exit
-    # Before anything reads `state` (progress bar, profiler, the stop test). Mid-epoch only where dist_train
-    # owns the order (a stream without a saved position would silently start its epoch again).
-    checkpointer.resume(exact_mid_epoch=sampler is not None, counts_batches=sampler is not None and sampler.unit_samples != 1)
+    # Before anything reads `state` (progress bar, profiler, the stop test). Mid-epoch only where the position
+    # can be restored (a stream without a saved state would silently start its epoch again).
+    checkpointer.resume(sampler)
     apply_config(optimizer.stepped, scheduler.scheduler, cfg)  # a resumed run follows this config's lr, not the checkpoint's
     if accelerator.is_main_process:  # only now: a refused resume leaves the previous run's config.yaml as it was
         (out / "config.yaml").write_text(cfg.to_yaml())  # the config that runs (auto_batch_size's size included)
