@@ -53,6 +53,20 @@ from .state import TrainState
 PAUSE_ENV = "DIST_TRAIN_TEST_PAUSE_IN_SAVE"  # "STEP:MARKER": tests kill the process inside this save
 
 
+# How torch says that a saved state does not fit the object it is loaded into (load_state_dict).
+_MISFIT_SIGNS = ("Error(s) in loading state_dict", "size mismatch", "parameter group", "doesn't match the size",
+                 "Missing key", "Unexpected key")
+
+
+def _is_write_failure(exc: Exception) -> bool:
+    """An I/O failure of a save (full disk, no permission): OSError, safetensors' error, or torch's zip
+    writer, which reports a failed write as a RuntimeError; never another RuntimeError (e.g. a collective
+    timeout, `DistBackendError`), which must keep its traceback."""
+    if isinstance(exc, (OSError, SafetensorError)):
+        return True
+    return "PytorchStreamWriter" in str(exc) or "file write failed" in str(exc)
+
+
 def _warn(message: str) -> None:
     print(f"dist_train: warning: {message}", file=sys.stderr, flush=True)
 
@@ -71,8 +85,9 @@ class Checkpointer:
                 "sharded or owned by the engine. Set async_checkpoint: false."
             )
         self.root = Path(cfg.output_dir) / "checkpoints"
-        self.enabled = not cfg.fast_dev_run  # a smoke test leaves no trace and resumes nothing
+        self.enabled = cfg.checkpoints  # false (e.g. fast_dev_run): no trace left, nothing resumed
         self._last_saved: tuple | None = None
+        self.before_save: list = []  # callables run on every rank before a save puts `state` into it
         self._position = None  # the training data's position (data.py's EpochSampler or StreamBatches), from resume
         accelerator.register_save_state_pre_hook(self._save_unwrapped_weights)
         accelerator.register_load_state_pre_hook(lambda models, input_dir: load_unwrapped_weights(accelerator, models, input_dir))
@@ -98,6 +113,8 @@ class Checkpointer:
             if wait:
                 self.wait()
             return final  # already saved, and nothing changed since (e.g. a stop right after a step save)
+        for hook in self.before_save:
+            hook()
         if self._writer is not None:
             self._save_in_background(record, final, tmp)
             if wait:
@@ -118,7 +135,9 @@ class Checkpointer:
                 (tmp / "config.yaml").write_text(self.cfg.to_yaml())
                 if (data_state := self._data_state()) is not None:
                     torch.save(data_state, tmp / DATA_STATE)
-        except (OSError, RuntimeError, SafetensorError) as exc:  # torch's zip writer reports I/O errors as RuntimeError
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            if not _is_write_failure(exc):
+                raise  # e.g. a collective timeout during the save: a bug or a hang, with its traceback
             error = self._write_error(exc)
         self._agree(error, tmp)
         self._pause_for_tests(step)
@@ -163,6 +182,8 @@ class Checkpointer:
             self._publish(tmp, final)
         except (OSError, RuntimeError, SafetensorError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if not _is_write_failure(exc):
+                raise
             return self._write_error(exc)
         try:
             self._prune(keep=final)
@@ -476,6 +497,8 @@ class Checkpointer:
                 f"checkpoint {path}: refusing to unpickle a file with non-tensor objects ({str(exc).splitlines()[0]})."
             ) from None
         except RuntimeError as exc:
+            if not any(sign in str(exc) for sign in _MISFIT_SIGNS):
+                raise  # not a state that fails to fit (e.g. a collective timeout): keep its traceback
             raise UserError(f"checkpoint {path} does not fit this run: {str(exc).splitlines()[0]}") from None
         if not own_rng.is_file():
             restore_rng(rng, acc)

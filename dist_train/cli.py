@@ -56,12 +56,22 @@ def _doctor(args) -> int:
 def _train(args) -> int:
     from .config import load_config
     from .loop import train
+    from .restarts import record_failure
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except BaseException as exc:
+        # Under torchrun's agent: a record for the next attempt (restarts.py) and, for a crash, a line
+        # naming this rank and its optimizer step before the traceback (`main` words a UserError).
+        record_failure(cfg, exc, announce=not isinstance(exc, UserError))
+        raise
     # 0: finished, or preempted and requeued (the job goes on by itself); 128 + signal: stopped by
     # SIGTERM/SIGUSR1 after saving a checkpoint, not finished: rerun the same command to continue.
-    return result.get("exit_code", 0)
+    code = result.get("exit_code", 0)
+    if code:
+        record_failure(cfg, f"stopped by {result.get('preempted')} after saving a checkpoint (exit {code})", announce=False, mid_step=False)
+    return code
 
 
 def _plot(args) -> int:
@@ -106,4 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"dist-train: error: {exc}", file=sys.stderr)
+        if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # under torchrun: its failure table shows the line too
+            from .restarts import tell_launcher
+
+            tell_launcher(f"UserError: {exc}")
         return 2

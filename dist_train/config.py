@@ -69,6 +69,7 @@ class Config:
     output_dir: str = _opt("runs/default", "Where config.yaml, metrics.jsonl, checkpoints and model.safetensors go.")
     cpu: bool = _opt(False, "Force CPU even when a GPU is present.")
     collective_timeout_s: int = _opt(1800, "Seconds a collective may wait for other ranks before the job fails (longer than hang_timeout_s, which says where it hangs).", minimum=1)
+    startup_timeout_s: int = _opt(600, "Seconds the ranks may take to form the process group, at launch and after an in-job restart (--max_restarts), and the limit of every collective until the first optimizer step; then collective_timeout_s applies (the shorter of the two applies until then).", minimum=1)
     hang_timeout_s: Optional[int] = _opt(900, "A rank without progress for this long writes every rank's stacks to output_dir/diagnostics/ and stops the job, naming the rank that is behind (null: off). Longer than the slowest step, validation and checkpoint save.", minimum=1)
     find_unused_parameters: bool = _opt(False, "Let DDP allow parameters that get no gradient in some steps (slower; needed for models with unused or conditionally used parameters).")
 
@@ -86,7 +87,9 @@ class Config:
     resume: str = _opt("auto", "`auto` (newest complete checkpoint in output_dir, if any), `never`, or a checkpoint path.")
 
     # --- debugging -----------------------------------------------------------------------------
-    fast_dev_run: int = _opt(0, "Run N train and N val batches through the whole loop once, no checkpoints (0: off).", minimum=0)
+    fast_dev_run: int = _opt(0, "Run N train and N val batches through the whole loop once, no checkpoints (0: off). Resolved before the run into max_steps, log_every, limit_val_batches and checkpoints (see config.yaml).", minimum=0)
+    limit_val_batches: Optional[int] = _opt(None, "Validate on at most N batches per process (null: the whole validation set).", minimum=1)
+    checkpoints: bool = _opt(True, "Write checkpoints and the final weights, and resume from checkpoints (false: the run leaves no weights behind and resumes nothing).")
     overfit_batches: int = _opt(0, "Train and validate on the same first N global batches of the training set, in order (0: off).", minimum=0)
     detect_anomaly: bool = _opt(False, "Turn on autograd anomaly detection (slow).")
     on_nonfinite: str = _opt("stop", "On a NaN/inf training loss: stop with an error, or skip the update.", choices=("stop", "skip"))
@@ -292,3 +295,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **val
     cfg = Config(**checked)
     _check_combinations(cfg)
     return cfg
+
+
+def resolve_modes(cfg: Config) -> Config:
+    """The debug modes as the ordinary settings they stand for, decided here once (config.yaml records them).
+
+    `fast_dev_run: N`: N training batches (whole optimizer steps) and N validation batches per process,
+    a record every step, no checkpoints and no final weights; warmup is cut to the run so the smoke test
+    of a real config stays valid.
+    """
+    if not cfg.fast_dev_run:
+        return cfg
+    steps = math.ceil(cfg.fast_dev_run / cfg.grad_accum_steps)
+    return dataclasses.replace(cfg, max_steps=steps, log_every=1, eval_every=None, limit_val_batches=cfg.fast_dev_run,
+                               checkpoints=False, warmup_steps=min(cfg.warmup_steps, steps))

@@ -242,7 +242,7 @@ def _with_user_batches(loader: DataLoader, cfg: Config, world_size: int) -> Data
 
 def _epochs_budget(cfg: Config) -> bool:
     """Whether the loop counts the run in epochs x steps per epoch (so every epoch must be as long)."""
-    return cfg.max_steps is None and not cfg.fast_dev_run
+    return cfg.max_steps is None
 
 
 def _rebuilt(loader: DataLoader, cfg: Config, sampler: EpochSampler, batch_sampler: UserBatches | None = None) -> DataLoader:

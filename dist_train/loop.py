@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -24,17 +23,17 @@ from accelerate import Accelerator
 from accelerate.utils import (
     DataLoaderConfiguration,
     DistributedDataParallelKwargs,
-    InitProcessGroupKwargs,
     broadcast_object_list,
     set_seed,
 )
 from tqdm.auto import tqdm
 
-from .accelerate_internals import LeanOptimizer
+from . import restarts
+from .accelerate_internals import LeanOptimizer, fix_ddp_bucket_order
 from .batch_size import fit_batch_size
 from .batches import call_model, split_batch
 from .checkpoint import Checkpointer
-from .config import Config
+from .config import Config, resolve_modes
 from .data import build_loaders, train_position
 from .errors import UserError
 from .loss import Loss
@@ -61,6 +60,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
         raise UserError("mixed_precision: fp16 needs a CUDA GPU (its loss scaler is GPU-only); use bf16 on CPU, or no.")
     if cuda and cfg.hang_timeout_s:
         enable_flight_recorder(Path(cfg.output_dir) / "diagnostics")  # before NCCL's process group exists
+    # startup_timeout_s to form the group; per-attempt store keys under an elastic agent (restarts.py).
+    process_group = restarts.process_group_kwargs(cfg)
     accelerator = Accelerator(
         cpu=not cuda,  # without a GPU, CPU mode is what makes N launched processes join one gloo group
         mixed_precision=cfg.mixed_precision,
@@ -73,7 +74,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
         log_with=[t for t in cfg.log_with] or None,
         project_dir=cfg.output_dir,
         kwargs_handlers=[
-            InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.collective_timeout_s)),
+            process_group,
             DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters),
         ],
     )
@@ -84,6 +85,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
             f"{accelerator.num_processes}; each process would train alone. Launch with a multi-process "
             "config (launch_configs/cpu.yaml on CPU, multi_gpu.yaml on GPUs)."
         )
+    restarts.begin(cfg, accelerator, process_group)  # collective_timeout_s after the first step; restart ledger
     return accelerator
 
 
@@ -114,7 +116,9 @@ def _build(cfg: Config, accelerator: Accelerator) -> tuple:
     fused = can_fuse(model, cfg.mixed_precision, accelerator.distributed_type)  # torch's fused optimizer where it is exact
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum, fused=fused)
     train_loader, val_loader = build_loaders(cfg, accelerator.num_processes)
-    return accelerator.prepare(model, optimizer, train_loader, val_loader)
+    prepared = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    fix_ddp_bucket_order(prepared[0])  # so a resumed run reduces exactly as an uninterrupted one
+    return prepared
 
 
 def _steps_per_epoch(train_loader, cfg: Config) -> int | None:
@@ -126,9 +130,7 @@ def _steps_per_epoch(train_loader, cfg: Config) -> int | None:
 
 
 def _total_steps(cfg: Config, steps_per_epoch: int | None) -> float:
-    if cfg.fast_dev_run:
-        total = math.ceil(cfg.fast_dev_run / cfg.grad_accum_steps)
-    elif cfg.max_steps is not None:
+    if cfg.max_steps is not None:
         total = cfg.max_steps
     elif steps_per_epoch is None:
         if cfg.lr_schedule != "constant":
@@ -139,14 +141,14 @@ def _total_steps(cfg: Config, steps_per_epoch: int | None) -> float:
         return math.inf  # the epochs end when the data does
     else:
         total = cfg.epochs * steps_per_epoch
-    if cfg.warmup_steps > total and not cfg.fast_dev_run:  # a smoke test of the real config stays valid
+    if cfg.warmup_steps > total:
         raise UserError(f"warmup_steps ({cfg.warmup_steps}) is larger than the run's {total} optimizer steps; lower warmup_steps.")
     return total
 
 
 def _epoch_limit(cfg: Config) -> float:
-    """Epochs to run: `max_steps` and `fast_dev_run` count steps instead, across as many epochs as they need."""
-    return math.inf if cfg.max_steps is not None or cfg.fast_dev_run else cfg.epochs
+    """Epochs to run: `max_steps` counts steps instead, across as many epochs as it needs."""
+    return math.inf if cfg.max_steps is not None else cfg.epochs
 
 
 def train(cfg: Config) -> dict:
@@ -156,6 +158,7 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
+    cfg = resolve_modes(cfg)  # fast_dev_run becomes the ordinary settings it stands for, once
     check_trackers_installed(cfg.log_with)  # Accelerate itself would only warn and drop a missing one
     accelerator = make_accelerator(cfg)
     teardown.callback(lambda: _end_trackers(accelerator))
@@ -185,8 +188,9 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
     watchdog = teardown.enter_context(HangWatchdog(cfg.hang_timeout_s, out, accelerator.process_index, accelerator.num_processes))
     watchdog.at("step boundary", step=state.optimizer_step)
     stragglers = StragglerMonitor(accelerator)
-    metrics = teardown.enter_context(MetricsLogger(cfg, accelerator, resumed_step=state.optimizer_step,
+    metrics = teardown.enter_context(MetricsLogger(cfg, accelerator, resumed_step=state.optimizer_step, resumed_losses=state.open_losses,
                                                    rank_times=lambda steps: stragglers.record(watchdog.take_own_s(), steps)))
+    checkpointer.before_save.append(lambda: metrics.carry_into(state))  # the unlogged loss sums go into checkpoints
     validator = Validator(cfg, accelerator, model, val_loader, loss_fn, metrics, watchdog)
     guard = NonfiniteGuard(cfg, accelerator, model)
     unused = UnusedParameterCheck(cfg, accelerator, model)
@@ -276,7 +280,7 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
             stop = state.epoch >= _epoch_limit(cfg)
 
     checkpointer.wait()  # the last checkpoint is complete before the run reports success
-    if not cfg.fast_dev_run:
+    if cfg.checkpoints:
         checkpointer.save_final(model)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

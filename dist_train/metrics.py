@@ -60,6 +60,14 @@ class _RunningMean:
         self.total += value.detach().float()
         self.count += 1
 
+    def carry(self) -> list:
+        """[mean over ranks of the running sum, count]: what a checkpoint keeps (a collective)."""
+        return [self.accelerator.reduce(self.total.clone(), "mean").item(), self.count]
+
+    def restore(self, carried: list) -> None:
+        self.total.fill_(carried[0])
+        self.count = int(carried[1])
+
     def pop(self) -> float | None:
         """The mean over every rank's values since the last pop (a collective: all ranks call it)."""
         if self.count == 0:
@@ -74,14 +82,15 @@ class MetricsLogger:
     """`metrics.jsonl` continues with the run: a fresh start rewrites it, a resume at optimizer step N
     keeps the records up to N (those after it were written by the interrupted run and come again)."""
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, resumed_step: int = 0, rank_times=None):
+    def __init__(self, cfg: Config, accelerator: Accelerator, resumed_step: int = 0, rank_times=None, resumed_losses: dict | None = None):
         self.cfg = cfg
         self.accelerator = accelerator
         self.is_main_process = accelerator.is_main_process
         self.rank_times = rank_times  # steps -> the straggler fields (a collective; see stragglers.py)
-        self.log_every = 1 if cfg.fast_dev_run else cfg.log_every  # a smoke test exercises logging too
+        self.log_every = cfg.log_every
         self._interval_loss = _RunningMean(accelerator)
         self._eval_loss = _RunningMean(accelerator)
+        self._means = {"interval": self._interval_loss, "eval": self._eval_loss}
         self._samples = 0
         self._tokens = 0
         self._steps = 0
@@ -89,6 +98,8 @@ class MetricsLogger:
         self._untimed_s = 0.0
         self.path = Path(cfg.output_dir) / "metrics.jsonl"
         self._file = self._continue(resumed_step) if self.is_main_process else None
+        for name, carried in ((resumed_losses or {}).items() if resumed_step else ()):
+            self._means[name].restore(carried)
         if cfg.log_with:
             accelerator.init_trackers("dist_train", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))})
 
@@ -103,6 +114,10 @@ class MetricsLogger:
         tmp.write_text("".join(kept))
         os.replace(tmp, self.path)  # atomic: a crash here leaves the old file or the new one
         return open(self.path, "a")
+
+    def carry_into(self, state: TrainState) -> None:
+        """Before a checkpoint (all ranks): the loss sums not yet logged go into `state`, so a resume continues them."""
+        state.open_losses = {name: mean.carry() for name, mean in self._means.items()}
 
     @contextlib.contextmanager
     def untimed(self):

@@ -14,11 +14,14 @@ the decision is the kernel's lock alone.
 Limits: on NFS, `flock` is emulated with POSIX locks by Linux >= 2.6.12 clients (visible across hosts),
 but some other clients and mounts (e.g. `local_lock=flock`) keep it local to one host, where two hosts
 could still share an output_dir. A file system without lock support gets a warning and no lock.
-A process forked while holding the lock (DataLoader workers) shares it and keeps it until it exits.
+A process forked while the lock is held (a DataLoader worker) closes its copy of the file at once
+(`os.register_at_fork`), so the lock dies with the process that took it, not with its last child: after
+a SIGKILL the restarted run (`--max_restarts`) can take it while orphaned workers still wind down.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -36,6 +39,25 @@ LOCK_NAME = ".dist_train.lock"
 
 # Errors of a file system that cannot lock at all (as opposed to a lock held by someone else).
 _NO_LOCK_SUPPORT = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS)
+
+_held: set[int] = set()  # this process's lock fds; a forked child closes its copies (_close_in_child)
+_fork_hook = False
+
+
+def _close_in_child() -> None:
+    # Close, never LOCK_UN: the child shares the parent's open file, so unlocking would free the parent's lock.
+    for fd in _held:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+def _hold(fd: int) -> None:
+    global _fork_hook
+    if not _fork_hook:
+        os.register_at_fork(after_in_child=_close_in_child)
+        _fork_hook = True
+    _held.add(fd)
 
 
 class RunLock:
@@ -76,6 +98,7 @@ class RunLock:
                   f"({exc.strerror}); a second run on the same output_dir will not be stopped.", file=sys.stderr, flush=True)
             return self
         self._fd = fd
+        _hold(fd)
         info = {"pid": os.getpid(), "hostname": socket.gethostname(),
                 "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
         os.ftruncate(fd, 0)
@@ -87,6 +110,7 @@ class RunLock:
             return
         # The file is left in place: deleting it would let a waiting run lock the old, unlinked file
         # while a third run creates and locks a new one.
+        _held.discard(self._fd)
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None

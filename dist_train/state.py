@@ -27,6 +27,9 @@ class TrainState:
     """Optimizer steps dropped because of a non-finite loss or gradient (`on_nonfinite: skip`)."""
     overflow_skipped: int = 0
     """Optimizer steps the fp16 loss scaler skipped."""
+    open_losses: Optional[dict] = None
+    """Loss sums not yet logged (the log interval's and the validation record's), so a resumed run logs
+    the same train_loss as an uninterrupted one: name -> [mean over ranks of the sum, micro-batches]."""
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -22,7 +22,7 @@ class Validator:
         self.cfg, self.accelerator, self.watchdog = cfg, accelerator, watchdog
         self.model, self.val_loader, self.loss_fn, self.metrics = model, val_loader, loss_fn, metrics
         self.early_stopping = EarlyStopping(cfg)
-        self.max_batches = cfg.fast_dev_run or None
+        self.max_batches = cfg.limit_val_batches
         self.last: dict = {}  # the newest validation record
 
     def should_stop(self, state: TrainState) -> bool:

@@ -98,3 +98,12 @@ def test_async_checkpoint_benchmark_runs(tmp_path):
                              "--dir", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "async_checkpoint, stall per checkpoint" in result.stdout and "hang watchdog: median step" in result.stdout
+
+
+def test_streaming_benchmark_runs():
+    """dist_train against the hand-written loop over the same IterableDataset (bench/RESULTS.md); no timing asserted."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "bench.streaming", "--steps", "6", "--window", "2", "--pairs", "1", "--stateful"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "throughput dist_train / seed:" in result.stdout and "stream position: state_dict copy" in result.stdout

@@ -279,3 +279,15 @@ def test_a_run_stopped_by_sigterm_exits_143_after_saving(project, tmp_path):
     assert not (tmp_path / "run" / "model.safetensors").exists()
     manifest = json.loads((tmp_path / "run" / "checkpoints" / "step_00000007" / "manifest.json").read_text())
     assert (manifest["epoch"], manifest["samples_consumed"]) == (1, 32)  # step 7 = epoch 1's second step
+
+
+def test_only_a_failed_write_is_reported_as_a_disk_problem():
+    """A collective timeout during a save keeps its traceback instead of becoming 'free disk space'."""
+    from torch.distributed import DistBackendError
+
+    from dist_train.checkpoint import _is_write_failure
+
+    assert _is_write_failure(OSError(28, "No space left on device"))
+    assert _is_write_failure(RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: file write failed"))
+    assert not _is_write_failure(DistBackendError("[gloo] Timed out waiting 600000ms for recv operation to complete"))
+    assert not _is_write_failure(RuntimeError("an unrelated bug"))

@@ -32,7 +32,9 @@ Promises:
 
 Promises 3, 4 and cross-world resumes need a model whose per-sample outputs do not depend on how a
 batch is cut: BatchNorm's batch statistics and dropout's masks do, so that group uses the tied model.
-What dist_train does not keep yet is marked `xfail(strict=True)` with its cause and a reproduction.
+This matrix found two gaps, both fixed since: a resume on 3+ ranks was not bitwise (DDP rebuilt its
+gradient buckets after the first backward: `accelerate_internals.fix_ddp_bucket_order`), and the
+validation record's train_loss forgot the micro-batches before a mid-epoch resume (`TrainState.open_losses`).
 """
 
 from __future__ import annotations
@@ -196,19 +198,7 @@ class Setup:
 # ---- the sample -----------------------------------------------------------------------------------------
 
 class NotBitwise(AssertionError):
-    """Weights that differ, by however little (the known 3-rank failure is xfailed on exactly this)."""
-
-
-# Found by this matrix (seed 1, size 3). `raises=NotBitwise` (only `assert_bitwise` raises it): any other
-# failure of a marked test still fails it.
-XFAIL_BITWISE_ON_3_RANKS = pytest.mark.xfail(strict=True, raises=NotBitwise, reason=(
-    "A resume on 3+ gloo ranks is not bitwise (rounding-level differences, which AdamW can amplify): DDP's Reducer rebuilds its "
-    "gradient bucket once, after the first backward, in the order gradients became ready (e.g. "
-    "5,4,2,3,1,0 instead of 5,4,3,2,1,0 for Linear-BatchNorm-Linear); a resumed run's first step uses the "
-    "initial layout where the uninterrupted run used the rebuilt one, and with 3 ranks the ring allreduce's "
-    "summation order of an element depends on its offset in the bucket (2 ranks: a+b == b+a, so bitwise). "
-    "With find_unused_parameters=true (no rebuild) the same resume is bitwise. Repro: 3 ranks, checkpoint_every=1, "
-    "epochs=2, then resume=<out>/checkpoints/step_K (K < the last step) into a new output_dir: model.safetensors differs."))
+    """Weights that differ, by however little."""
 
 
 def _draw_resume_setup(rng: random.Random, world_size: int, model: str) -> Setup:
@@ -380,7 +370,7 @@ def test_uninterrupted_run_deals_every_epoch_once(runs, i):
 
 def _resume_case(i: int, k: int, what: str):
     setup = RESUME_SETUPS[i]
-    marks = [XFAIL_BITWISE_ON_3_RANKS] if setup.world_size >= 3 and k < setup.total_steps else []
+    marks = []
     return pytest.param(i, k, what, marks=marks, id=_id("R", i, setup, f"k{k}", what))
 
 
@@ -398,8 +388,9 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, tmp_path, i, k, what
         micro_steps = k * setup.grad_accum_steps
         assert resumed.ids == {rank: batches[micro_steps:] for rank, batches in reference.ids.items()}
     assert_bitwise(load_weights(resumed.out), load_weights(reference.out))
-    # The validations after the resume report the same values as the uninterrupted run's (train_loss aside:
-    # see the xfail below); a resume at the final step has nothing to train or validate.
+    # The validations after the resume report the same values as the uninterrupted run's (train_loss within
+    # rounding: its open sums are carried as a mean over ranks, see the test below); a resume at the final step
+    # has nothing to train or validate.
     without_train_loss = lambda r: {key: v for key, v in r.items() if key != "train_loss"}  # noqa: E731
     after = [without_train_loss(r) for r in val_records(reference.out) if r["step"] > k]
     assert [without_train_loss(r) for r in val_records(resumed.out)] == after
@@ -408,13 +399,6 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, tmp_path, i, k, what
 MID_EPOCH_CASE = next((i, k) for i, k, what in RESUME_CASES if what.startswith("mid_epoch"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "dist_train/metrics.py MetricsLogger: the validation record's train_loss ('since the previous validation', "
-    "README) is a _RunningMean that is not checkpointed, so after a mid-epoch resume it averages only the "
-    "micro-batches since the resume. Repro: train with checkpoint_every=1, epochs=2; resume a copy from a "
-    "mid-epoch step_K into a new output_dir; the epoch-end val record's train_loss differs from the "
-    "uninterrupted run's (weights bitwise equal). monitor: train_loss (early stopping, keep_best) then "
-    "decides on a different value than the uninterrupted run."))
 @pytest.mark.parametrize("i,k", [MID_EPOCH_CASE], ids=[_id("R", MID_EPOCH_CASE[0], RESUME_SETUPS[MID_EPOCH_CASE[0]], f"k{MID_EPOCH_CASE[1]}")])
 def test_resumed_runs_validation_record_has_the_epochs_train_loss(runs, tmp_path, i, k):
     setup = RESUME_SETUPS[i]
@@ -504,7 +488,6 @@ def test_resume_on_another_world_size_continues_the_epoch(runs, tmp_path, i, n):
     assert val_records(resumed.out)[-1]["num_processes"] == n
 
 
-@XFAIL_BITWISE_ON_3_RANKS
 @pytest.mark.parametrize("i", range(len(WORLD_SIZE_SETUPS)), ids=[_id("W", i, s[0], f"3to3ranks-k{s[2]}") for i, s in enumerate(WORLD_SIZE_SETUPS)])
 def test_resume_on_three_ranks_is_bitwise(runs, tmp_path, i):
     """Promise 1 on 3 ranks, the same world size (the resume setups above reach 3 ranks only with SIZE >= 3)."""

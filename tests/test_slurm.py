@@ -212,14 +212,19 @@ def jobs(slurm, project):
                                 env={**cpu, "PROCS_PER_NODE": "1"}),
         "multi": slurm.submit("train_multinode.sbatch", "multi", [*config, "epochs=2", "batch_size=16", f"output_dir={slurm.workdir / 'multi' / 'out'}"],
                               sbatch_flags=["--nodes=2"], env={**cpu, "PROCS_PER_NODE": "1", "DIST_TRAIN_SETUP": 'echo "setup ran on $(hostname)"'}),
-        # Runs (~10 min) until the test kills one of its ranks (or the teardown cancels it).
+        # Runs (~10 min) until the test kills one of its ranks (or the teardown cancels it); no in-job restarts.
         "multikill": slurm.submit("train_multinode.sbatch", "multikill", [*config, "model_args.delay_s=0.2", "epochs=300", "log_every=1",
                                                                           f"output_dir={slurm.workdir / 'multikill' / 'out'}"],
-                                  sbatch_flags=["--nodes=2"], env={**cpu, "PROCS_PER_NODE": "1"}),
+                                  sbatch_flags=["--nodes=2"], env={**cpu, "PROCS_PER_NODE": "1", "MAX_RESTARTS": "0"}),
+        # The single job's training on 2 nodes; the test kills its rank on node2 and the agents restart it (MAX_RESTARTS: 3).
+        # Held until its test releases it, so that it still trains when the test gets to it.
+        "mrestart": slurm.submit("train_multinode.sbatch", "mrestart", [*config, *slow, f"output_dir={slurm.workdir / 'mrestart' / 'out'}"],
+                                 sbatch_flags=["--nodes=2", "--hold"], env={**cpu, "PROCS_PER_NODE": "1"}),
     }
     for name in ("preempt", "mpreempt"):
         threading.Thread(target=_raise_time_limit_after_first_requeue, args=(submitted[name],), daemon=True).start()
-    return submitted
+    yield submitted
+    slurm.run("scancel", submitted["mrestart"].id, check=False)  # still held if its test did not run (-k)
 
 
 def _assert_completed(job: Job, fields: dict) -> None:
@@ -338,3 +343,34 @@ def test_a_dead_rank_ends_the_multinode_job_naming_it(jobs, slurm):
     assert fields.get("JobState") == "FAILED", fields
     log = job.log_text()
     assert re.search(r"rank\s*:\s*1 \(local_rank: 0\)", log) and "SIGKILL" in log, log[-3000:]
+
+
+def test_a_rank_killed_on_the_second_node_is_restarted_and_the_job_matches_an_uninterrupted_run(jobs, slurm):
+    """SIGKILL rank 1 (node2) after the first epoch's checkpoint: both nodes' agents restart their ranks
+    (c10d rendezvous), the run resumes from the checkpoint, the job completes with the single job's weights."""
+    if not slurm.sandbox:
+        pytest.skip("kills a process through /proc: only on the local sandbox")
+    job, out = jobs["mrestart"], slurm.workdir / "mrestart" / "out"
+    slurm.run("scontrol", "release", job.id)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not ((out / "metrics.jsonl").exists() and any(r.get("step", 0) >= 20 for r in read_metrics(out))):
+        assert time.monotonic() < deadline and slurm.job_fields(job.id).get("JobState") in ("PENDING", "RUNNING"), job.log_text()[-3000:]
+        time.sleep(0.5)
+    pid = _job_process(job.id, rank=1)
+    assert pid is not None, job.log_text()[-3000:]
+    assert b"SLURM_NODEID=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"), "rank 1 is not on the second node"
+    os.kill(pid, 9)
+    _assert_completed(job, job.wait())
+    log = job.log_text()
+    assert "restart 1 (--max_restarts 3): attempt 1 failed at optimizer step" in log and "rank 1 left no error record" in log, log[-5000:]
+    resumed = [int(step) for step in re.findall(r"resumed from \S+ at optimizer step (\d+)", log)]
+    assert len(resumed) == 1 and 16 <= resumed[0] < 160, log[-5000:]
+    steps = [r["step"] for r in read_metrics(out) if "val_loss" not in r]
+    assert steps == list(range(4, 161, 4)), steps  # metrics.jsonl continues: every logged step once
+    _assert_completed(jobs["single"], jobs["single"].wait())
+    reference, restarted = load_weights(slurm.workdir / "single" / "out"), load_weights(out)
+    assert reference.keys() == restarted.keys()
+    for key in reference:
+        torch.testing.assert_close(restarted[key], reference[key], rtol=0, atol=0)
+    fields = job.slurm.job_fields(job.id)
+    print(f"\nmrestart: killed rank 1 on node2, resumed at optimizer step {resumed[0]}, {fields.get('RunTime')} in all")
