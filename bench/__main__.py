@@ -41,7 +41,7 @@ def run_workload(name: str, plan: tuple, threads: int, peak_flops: float, log=pr
     for pair in range(pairs):
         medians = {}
         # Alternate which arm goes first so neither always runs on a warmer (or hotter) machine.
-        for arm in (("seed", "dist_train") if pair % 2 == 0 else ("dist_train", "seed")):
+        for arm in ("seed", "dist_train") if pair % 2 == 0 else ("dist_train", "seed"):
             torch.set_num_threads(threads)
             gc.collect()  # each arm starts from the same collector state, not the other arm's garbage
             run = arms.seed_loop if arm == "seed" else arms.dist_train_loop
@@ -81,8 +81,10 @@ def format_table(report: dict) -> str:
                 + f" {a['samples_per_s']:>10.0f} {tokens:>10} {a['flops_per_s'] / 1e9:>8.2f} {a['fraction_of_matmul_rate']:>8.1%}"
             )
         q = r["ratio"]
-        lines.append(f"{r['workload']:<10} {'ratio':<11} dist_train/seed throughput {q['median']:.2f}x [{q['min']:.2f}-{q['max']:.2f}] over {q['n']} pairs; "
-                     f"best windows {r['ratio_of_best_windows']:.2f}x")
+        lines.append(
+            f"{r['workload']:<10} {'ratio':<11} dist_train/seed throughput {q['median']:.2f}x [{q['min']:.2f}-{q['max']:.2f}] over {q['n']} pairs; "
+            f"best windows {r['ratio_of_best_windows']:.2f}x"
+        )
     if "data_path" in report:
         d = report["data_path"]
         lines.append(
@@ -104,7 +106,9 @@ def format_table(report: dict) -> str:
                 f"{s['preemption_check_one_process_us']:.2f} us on 1 process, no collective), "
                 f"gloo all-reduce of the {s['gradient_mb']:.1f} MB gradient {s['allreduce_ms']:.1f} ms, rest {s['unexplained_ms']:.1f} ms"
             )
-    lines.append(f"matmul rate (fp32 1024^3, best of start and end): {report['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; 'of matmul' = achieved / this")
+    lines.append(
+        f"matmul rate (fp32 1024^3, best of start and end): {report['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s; 'of matmul' = achieved / this"
+    )
     return "\n".join(lines)
 
 
@@ -115,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--smoke", action="store_true", help="a few steps of everything: checks the benchmark runs (tests)")
     parser.add_argument("--gpu", action="store_true", help="run the GPU benchmark instead (CUDA, bf16, ~124M GPT)")
     parser.add_argument("--compile", action="store_true", help="with --gpu: torch.compile the model in both arms")
-    parser.add_argument("--gpu-batch", type=int, metavar="N", help="with --gpu: sequences per step (default: ~60%% of the GPU's memory, see bench/gpu.py)")
+    parser.add_argument(
+        "--gpu-batch", type=int, metavar="N", help="with --gpu: sequences per step (default: ~60%% of the GPU's memory, see bench/gpu.py)"
+    )
     parser.add_argument("--workloads", nargs="+", choices=CPU_WORKLOADS, default=list(CPU_WORKLOADS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both arms (default 1)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the 2-process scaling run")
@@ -132,8 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         peak = matmul_flops_per_s()
         print(f"matmul rate ({args.threads} thread(s), fp32 1024^3, at start): {peak / 1e9:.1f} GFLOP/s", flush=True)
-        report = {"mode": "smoke" if args.smoke else "quick" if args.quick else "full", "threads": args.threads,
-                  "machine": machine(), "matmul_flops_per_s": peak, "workloads": []}
+        report = {
+            "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
+            "threads": args.threads,
+            "machine": machine(),
+            "matmul_flops_per_s": peak,
+            "workloads": [],
+        }
         # The data path first, in a fresh process: the per-sample path's many small objects make it the
         # most sensitive to the garbage collector's work on whatever the runs before it leave behind.
         gc.collect()
@@ -148,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             for arm in workload["arms"].values():
                 arm["fraction_of_matmul_rate"] = arm["flops_per_s"] / peak
         if not args.no_scaling:
-            report["scaling"] = scaling.run(steps=6 if args.smoke else 30 if args.quick else 60, window=2 if args.smoke else 5,
-                                            pairs=2 if report["mode"] == "full" else 1)
+            report["scaling"] = scaling.run(
+                steps=6 if args.smoke else 30 if args.quick else 60,
+                window=2 if args.smoke else 5,
+                pairs=2 if report["mode"] == "full" else 1,
+            )
         print(format_table(report))
     path = Path(args.json or ("bench/results_gpu.json" if args.gpu else "bench/results.json"))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -100,9 +100,14 @@ def _two_process_parts(workload: str, rank: int, step) -> dict:
         preemption.close()  # waits for the round in flight: both ranks made the same number of checks
     numel = sum(p.numel() for p in build_model(workload).parameters())
     buffer = torch.ones(numel)
-    return {"numel": numel, "concurrent_step_ms": _ms(without), "concurrent_step_with_check_ms": _ms(with_check),
-            "preemption_call_ms": _ms(calls), "preemption_check_ms": _ms(differences),
-            "allreduce_ms": _timed(lambda: dist.all_reduce(buffer), 12)}
+    return {
+        "numel": numel,
+        "concurrent_step_ms": _ms(without),
+        "concurrent_step_with_check_ms": _ms(with_check),
+        "preemption_call_ms": _ms(calls),
+        "preemption_check_ms": _ms(differences),
+        "allreduce_ms": _timed(lambda: dist.all_reduce(buffer), 12),
+    }
 
 
 def main() -> None:

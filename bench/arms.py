@@ -67,7 +67,7 @@ class StepClock:
                 torch.cuda.synchronize()
             self.stamps.append(time.perf_counter())
 
-    def __enter__(self) -> "StepClock":
+    def __enter__(self) -> StepClock:
         self._handle = register_optimizer_step_post_hook(self._on_step)
         return self
 
@@ -79,8 +79,18 @@ class StepClock:
         return [(b - a) / self.window for a, b in zip(self.stamps, self.stamps[1:])]
 
 
-def seed_loop(workload: str, steps: int, window: int, seed: int = 0, lr: float = 1e-3, device: str = "cpu", bf16: bool = False,
-              compile: bool = False, batch_size: int | None = None, record: dict | None = None) -> list[float]:
+def seed_loop(
+    workload: str,
+    steps: int,
+    window: int,
+    seed: int = 0,
+    lr: float = 1e-3,
+    device: str = "cpu",
+    bf16: bool = False,
+    compile: bool = False,
+    batch_size: int | None = None,
+    record: dict | None = None,
+) -> list[float]:
     """The seed's loop, as a user writes it; returns the mean step time (s) of each window after the first.
 
     On a GPU (`device="cuda"`) it moves each batch with `.to(device)` and, with `bf16`, runs forward and
@@ -94,8 +104,9 @@ def seed_loop(workload: str, steps: int, window: int, seed: int = 0, lr: float =
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=WEIGHT_DECAY)
     if compile:
         model = torch.compile(model)
-    cfg = types.SimpleNamespace(workload=workload, num_samples=num_train_samples(workload, steps, batch_size=batch_size),
-                                batch_size=batch_size, num_workers=0)
+    cfg = types.SimpleNamespace(
+        workload=workload, num_samples=num_train_samples(workload, steps, batch_size=batch_size), batch_size=batch_size, num_workers=0
+    )
     loader = get_dataloader(cfg, train=True)
     loader.sampler.generator = torch.Generator().manual_seed(epoch0_shuffle_seed(seed))
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -120,8 +131,19 @@ def seed_loop(workload: str, steps: int, window: int, seed: int = 0, lr: float =
     return clock.window_times()
 
 
-def dist_train_config(workload: str, steps: int, window: int, output_dir: str, seed: int = 0, world_size: int = 1, lr: float = 1e-3,
-                      device: str = "cpu", bf16: bool = False, compile: bool = False, batch_size: int | None = None) -> dict:
+def dist_train_config(
+    workload: str,
+    steps: int,
+    window: int,
+    output_dir: str,
+    seed: int = 0,
+    world_size: int = 1,
+    lr: float = 1e-3,
+    device: str = "cpu",
+    bf16: bool = False,
+    compile: bool = False,
+    batch_size: int | None = None,
+) -> dict:
     """The config (as key -> value) that makes dist_train run the same training as `seed_loop`."""
     w = WORKLOADS[workload]
     batch_size = batch_size or w.batch_size
@@ -158,8 +180,18 @@ def _reset_accelerate() -> None:
     PartialState._reset_state()
 
 
-def dist_train_loop(workload: str, steps: int, window: int, seed: int = 0, lr: float = 1e-3, device: str = "cpu", bf16: bool = False,
-                    compile: bool = False, batch_size: int | None = None, record: dict | None = None) -> list[float]:
+def dist_train_loop(
+    workload: str,
+    steps: int,
+    window: int,
+    seed: int = 0,
+    lr: float = 1e-3,
+    device: str = "cpu",
+    bf16: bool = False,
+    compile: bool = False,
+    batch_size: int | None = None,
+    record: dict | None = None,
+) -> list[float]:
     """dist_train's real loop (`dist_train.loop.train`) in this process; window step times as `seed_loop`.
 
     `record`, if given, receives the train loss of each metrics record (one per `window` steps) and the
@@ -170,8 +202,12 @@ def dist_train_loop(workload: str, steps: int, window: int, seed: int = 0, lr: f
     from dist_train.loop import train
 
     with tempfile.TemporaryDirectory(prefix="bench-") as out:
-        cfg = load_config(None, **dist_train_config(workload, steps, window, out, seed=seed, lr=lr, device=device, bf16=bf16,
-                                                    compile=compile, batch_size=batch_size))
+        cfg = load_config(
+            None,
+            **dist_train_config(
+                workload, steps, window, out, seed=seed, lr=lr, device=device, bf16=bf16, compile=compile, batch_size=batch_size
+            ),
+        )
         with contextlib.redirect_stdout(io.StringIO()), StepClock(window, device) as clock:
             try:
                 train(cfg)
@@ -214,5 +250,11 @@ def data_path_rates(workload: str = "tiny_mlp", batches: int = 200, seed: int = 
             fast_rate = _batches_per_s(prepared, batches) * w.batch_size
         finally:
             _reset_accelerate()
-    return {"workload": workload, "batch_size": w.batch_size, "batches": batches, "default_samples_per_s": default_rate,
-            "dist_train_samples_per_s": fast_rate, "speedup": fast_rate / default_rate}
+    return {
+        "workload": workload,
+        "batch_size": w.batch_size,
+        "batches": batches,
+        "default_samples_per_s": default_rate,
+        "dist_train_samples_per_s": fast_rate,
+        "speedup": fast_rate / default_rate,
+    }

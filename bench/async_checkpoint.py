@@ -115,13 +115,19 @@ def main() -> None:
     try:
         sync = run(args.mib, root, False, args.steps, args.saves)
         asyn = run(args.mib, root, True, args.steps, args.saves)
-        fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)  # noqa: E731
-        print(f"model {args.mib:.0f} MiB fp32 + SGD momentum ({2 * args.mib:.0f} MiB per checkpoint), {args.saves} saves in {args.steps} steps")
+        fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)
+        print(
+            f"model {args.mib:.0f} MiB fp32 + SGD momentum ({2 * args.mib:.0f} MiB per checkpoint), {args.saves} saves in {args.steps} steps"
+        )
         print(f"synchronous save, stall per checkpoint (s):  {fmt(sync['stall_s'])}  median {median(sync['stall_s']):.3f}")
-        print(f"async_checkpoint, stall per checkpoint (s):  {fmt(asyn['stall_s'])}  median {median(asyn['stall_s']):.3f}"
-              f"  -> {median(asyn['stall_s']) / median(sync['stall_s']):.1%} of the synchronous save")
+        print(
+            f"async_checkpoint, stall per checkpoint (s):  {fmt(asyn['stall_s'])}  median {median(asyn['stall_s']):.3f}"
+            f"  -> {median(asyn['stall_s']) / median(sync['stall_s']):.1%} of the synchronous save"
+        )
         print(f"median step (s): synchronous {sync['step_s']:.4f}, asynchronous {asyn['step_s']:.4f} (background writes share the cores)")
-        print(f"whole run (s): synchronous {sync['total_s']:.2f}, asynchronous {asyn['total_s']:.2f} (incl. the final wait {asyn['final_wait_s']:.2f})")
+        print(
+            f"whole run (s): synchronous {sync['total_s']:.2f}, asynchronous {asyn['total_s']:.2f} (incl. the final wait {asyn['final_wait_s']:.2f})"
+        )
         on, off = watchdog_overhead()
         print(f"hang watchdog: median step {on * 1e3:.3f} ms on vs {off * 1e3:.3f} ms off ({on / off - 1:+.1%})")
     finally:

@@ -114,7 +114,7 @@ def main() -> None:
             loads.append(checkpoint_bytes(path) / (time.perf_counter() - start))
             del loader
             shutil.rmtree(path)
-        gbs = lambda xs: f"{median(xs) / 1e9:.2f} GB/s median (runs: {', '.join(f'{x / 1e9:.2f}' for x in xs)})"  # noqa: E731
+        gbs = lambda xs: f"{median(xs) / 1e9:.2f} GB/s median (runs: {', '.join(f'{x / 1e9:.2f}' for x in xs)})"
         print(f"dd write (conv=fsync):    {gbs(writes)}")
         print(f"checkpoint save:          {gbs(saves)}  -> {median(saves) / median(writes):.0%} of dd write")
         print(f"dd read (cache evicted):  {gbs(reads)}")

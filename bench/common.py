@@ -32,9 +32,16 @@ def spread(values: list[float]) -> dict:
 
 
 def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": torch.multiprocessing.cpu_count(), "platform": platform.platform()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": torch.multiprocessing.cpu_count(),
+        "platform": platform.platform(),
+    }
     try:
-        model_names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        model_names = [
+            line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")
+        ]
         info["cpu"] = model_names[0] if model_names else platform.processor()
     except OSError:
         info["cpu"] = platform.processor()

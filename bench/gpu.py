@@ -52,28 +52,47 @@ def run(quick: bool = False, compile: bool = False, batch_size: int | None = Non
     steps, window, pairs = (12, 4, 1) if quick else (40, 10, 2)
     w = WORKLOADS[WORKLOAD]
     flops_per_step = train_flops_per_sample(WORKLOAD) * batch_size
-    print(f"GPU {torch.cuda.get_device_name()}: bf16 matmul {peak / 1e12:.0f} TFLOP/s; {WORKLOAD} at batch {batch_size} x {w.context} tokens", flush=True)
+    print(
+        f"GPU {torch.cuda.get_device_name()}: bf16 matmul {peak / 1e12:.0f} TFLOP/s; {WORKLOAD} at batch {batch_size} x {w.context} tokens",
+        flush=True,
+    )
     windows = {"seed": [], "dist_train": []}
     peak_memory = {"seed": 0.0, "dist_train": 0.0}
     ratios = []
     for pair in range(pairs):
         medians = {}
-        for arm in (("seed", "dist_train") if pair % 2 == 0 else ("dist_train", "seed")):
+        for arm in ("seed", "dist_train") if pair % 2 == 0 else ("dist_train", "seed"):
             run_arm = arms.seed_loop if arm == "seed" else arms.dist_train_loop
             _free_gpu_memory()
             try:
                 times = run_arm(WORKLOAD, steps, window, device="cuda", bf16=True, compile=compile, batch_size=batch_size)
             except torch.cuda.OutOfMemoryError:
-                raise SystemExit(f"python -m bench --gpu: the {arm} arm ran out of GPU memory at batch {batch_size}; "
-                                 f"rerun with a smaller --gpu-batch (e.g. {max(1, batch_size // 2)}).") from None
+                raise SystemExit(
+                    f"python -m bench --gpu: the {arm} arm ran out of GPU memory at batch {batch_size}; "
+                    f"rerun with a smaller --gpu-batch (e.g. {max(1, batch_size // 2)})."
+                ) from None
             windows[arm] += times
             medians[arm] = statistics.median(times)
             peak_memory[arm] = max(peak_memory[arm], torch.cuda.max_memory_allocated() / 2**30)
         ratios.append(medians["seed"] / medians["dist_train"])
-        print(f"  {WORKLOAD} pair {pair + 1}/{pairs}: seed {medians['seed'] * 1e3:.1f} ms, dist_train {medians['dist_train'] * 1e3:.1f} ms", flush=True)
-    report = {"mode": "gpu-quick" if quick else "gpu", "compile": compile, "machine": machine(), "bf16_matmul_flops_per_s": peak,
-              "workload": WORKLOAD, "batch_size": batch_size, "context": w.context, "steps_per_run": steps, "window_steps": window,
-              "pairs": pairs, "arms": {}, "ratio": spread(ratios)}
+        print(
+            f"  {WORKLOAD} pair {pair + 1}/{pairs}: seed {medians['seed'] * 1e3:.1f} ms, dist_train {medians['dist_train'] * 1e3:.1f} ms",
+            flush=True,
+        )
+    report = {
+        "mode": "gpu-quick" if quick else "gpu",
+        "compile": compile,
+        "machine": machine(),
+        "bf16_matmul_flops_per_s": peak,
+        "workload": WORKLOAD,
+        "batch_size": batch_size,
+        "context": w.context,
+        "steps_per_run": steps,
+        "window_steps": window,
+        "pairs": pairs,
+        "arms": {},
+        "ratio": spread(ratios),
+    }
     for arm, times in windows.items():
         step_s = statistics.median(times)
         report["arms"][arm] = {
@@ -86,9 +105,11 @@ def run(quick: bool = False, compile: bool = False, batch_size: int | None = Non
 
 
 def format_table(report: dict) -> str:
-    lines = [f"GPU: {report['machine'].get('gpu')}, bf16 matmul {report['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s (measured); "
-             f"{report['workload']}, batch {report['batch_size']} x {report['context']} tokens, compile {report['compile']}",
-             f"{'arm':<11} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9}"]
+    lines = [
+        f"GPU: {report['machine'].get('gpu')}, bf16 matmul {report['bf16_matmul_flops_per_s'] / 1e12:.0f} TFLOP/s (measured); "
+        f"{report['workload']}, batch {report['batch_size']} x {report['context']} tokens, compile {report['compile']}",
+        f"{'arm':<11} {'step ms':>9} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9}",
+    ]
     for arm, a in report["arms"].items():
         lines.append(f"{arm:<11} {a['step_ms']['median']:9.1f} {a['tokens_per_s']:10.0f} {a['mfu']:6.1%} {a['peak_memory_gb']:9.1f}")
     q = report["ratio"]

@@ -37,8 +37,19 @@ def _launch(module_args: list[str], nproc: int, timeout: float = 300) -> subproc
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(LAUNCH_CONFIG),
-                   "--num_processes", str(nproc), "--main_process_port", str(port), "-m", *module_args]
+        command = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(LAUNCH_CONFIG),
+            "--num_processes",
+            str(nproc),
+            "--main_process_port",
+            str(port),
+            "-m",
+            *module_args,
+        ]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
@@ -63,26 +74,39 @@ def gradient_numel(workload: str) -> int:
 def run(steps: int = 30, window: int = 5, workload: str = "mlp", allreduce: bool = True, pairs: int = 1) -> dict:
     windows = {1: [], 2: []}
     for pair in range(pairs):  # alternating 1 / 2 processes, as the A/B of the workloads
-        for nproc in ((1, 2) if pair % 2 == 0 else (2, 1)):
+        for nproc in (1, 2) if pair % 2 == 0 else (2, 1):
             windows[nproc] += _window_step_ms(nproc, steps, window, workload)
     batch = WORKLOADS[workload].batch_size
     one_ms, two_ms = statistics.median(windows[1]), statistics.median(windows[2])
     one_best_ms, two_best_ms = min(windows[1]), min(windows[2])
     numel = gradient_numel(workload)
     result = {
-        "workload": workload, "batch_size_per_process": batch, "threads_per_process": 1, "pairs": pairs,
-        "one_process_samples_per_s": batch / one_ms * 1e3, "one_process_step_ms": one_ms,
-        "two_process_samples_per_s": 2 * batch / two_ms * 1e3, "two_process_step_ms": two_ms,
+        "workload": workload,
+        "batch_size_per_process": batch,
+        "threads_per_process": 1,
+        "pairs": pairs,
+        "one_process_samples_per_s": batch / one_ms * 1e3,
+        "one_process_step_ms": one_ms,
+        "two_process_samples_per_s": 2 * batch / two_ms * 1e3,
+        "two_process_step_ms": two_ms,
         "speedup": 2 * one_ms / two_ms,
         # Best windows (least disturbed by other work on the machine).
-        "one_process_best_step_ms": one_best_ms, "two_process_best_step_ms": two_best_ms,
+        "one_process_best_step_ms": one_best_ms,
+        "two_process_best_step_ms": two_best_ms,
         "speedup_best_windows": 2 * one_best_ms / two_best_ms,
         "gradient_mb": numel * 4 / 2**20,
     }
     if allreduce:
         parts = json.loads(_launch(["bench.allreduce", workload], 2).stdout.strip().splitlines()[-1])
-        for key in ("solo_step_ms", "preemption_check_one_process_us", "concurrent_step_ms", "concurrent_step_with_check_ms",
-                    "preemption_call_ms", "preemption_check_ms", "allreduce_ms"):
+        for key in (
+            "solo_step_ms",
+            "preemption_check_one_process_us",
+            "concurrent_step_ms",
+            "concurrent_step_with_check_ms",
+            "preemption_call_ms",
+            "preemption_check_ms",
+            "allreduce_ms",
+        ):
             result[key] = parts[key]
         # What the parts do not explain: DDP's bucket copies and averaging, the loop's other per-step work
         # on two processes, and the all-reduce competing with compute for the 2 cores.

@@ -76,8 +76,9 @@ class StatefulJsonlStream(JsonlStream):
 
 
 def build_model(width: int = 512) -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(FEATURES, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
-                               torch.nn.ReLU(), torch.nn.Linear(width, CLASSES))
+    return torch.nn.Sequential(
+        torch.nn.Linear(FEATURES, width), torch.nn.ReLU(), torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, CLASSES)
+    )
 
 
 def get_dataloader(cfg, train: bool) -> DataLoader:
@@ -122,10 +123,22 @@ def dist_train_arm(files_json: Path, steps: int, window: int, stateful: bool) ->
     from dist_train.loop import train
 
     with tempfile.TemporaryDirectory(prefix="bench-stream-") as out:
-        cfg = load_config(None, model="bench.streaming:build_model", data="bench.streaming:get_dataloader",
-                          data_args={"files_json": str(files_json), "stateful": stateful}, batch_size=BATCH, lr=1e-3,
-                          max_steps=steps, log_every=window, progress=False, output_dir=out, resume="never",
-                          checkpoint_epochs=False, checkpoints=False, cpu=True)
+        cfg = load_config(
+            None,
+            model="bench.streaming:build_model",
+            data="bench.streaming:get_dataloader",
+            data_args={"files_json": str(files_json), "stateful": stateful},
+            batch_size=BATCH,
+            lr=1e-3,
+            max_steps=steps,
+            log_every=window,
+            progress=False,
+            output_dir=out,
+            resume="never",
+            checkpoint_epochs=False,
+            checkpoints=False,
+            cpu=True,
+        )
         with contextlib.redirect_stdout(io.StringIO()), StepClock(window, "cpu") as clock:
             try:
                 train(cfg)

@@ -18,8 +18,8 @@ from __future__ import annotations
 import copy
 import random
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -55,8 +55,12 @@ class HostCopier:
 
 def rng_state(step: int) -> dict:
     """This process's RNG states, in the layout of Accelerate's `random_states_{rank}.pkl`."""
-    states = {"step": step, "random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
-              "torch_manual_seed": torch.get_rng_state()}
+    states = {
+        "step": step,
+        "random_state": random.getstate(),
+        "numpy_random_seed": np.random.get_state(),
+        "torch_manual_seed": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         states["torch_cuda_manual_seed"] = torch.cuda.get_rng_state_all()
     return states

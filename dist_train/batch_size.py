@@ -17,7 +17,7 @@ still fails the run; with several processes it cannot be retried without a rank 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
@@ -46,7 +46,7 @@ def _probe(accelerator: Accelerator, model, optimizer, train_loader, loss_fn, cf
             )
         try:
             accelerator.backward(loss_fn(call_model(model, inputs), targets))
-        except Exception as exc:  # noqa: BLE001 - anything that is not an OOM is re-raised
+        except Exception as exc:
             if not should_reduce_batch_size(exc):
                 raise
             out_of_memory = True

@@ -54,8 +54,14 @@ PAUSE_ENV = "DIST_TRAIN_TEST_PAUSE_IN_SAVE"  # "STEP:MARKER": tests kill the pro
 
 
 # How torch says that a saved state does not fit the object it is loaded into (load_state_dict).
-_MISFIT_SIGNS = ("Error(s) in loading state_dict", "size mismatch", "parameter group", "doesn't match the size",
-                 "Missing key", "Unexpected key")
+_MISFIT_SIGNS = (
+    "Error(s) in loading state_dict",
+    "size mismatch",
+    "parameter group",
+    "doesn't match the size",
+    "Missing key",
+    "Unexpected key",
+)
 
 
 def _is_write_failure(exc: Exception) -> bool:
@@ -284,7 +290,7 @@ class Checkpointer:
         if self.cfg.keep_last is None:
             return
         complete = self._complete()
-        kept = {path for _, path, _ in complete[-self.cfg.keep_last:]} | {keep}
+        kept = {path for _, path, _ in complete[-self.cfg.keep_last :]} | {keep}
         if self.cfg.keep_best and (best := self._best(complete)) is not None:
             kept.add(best)
         for _, path, _ in complete:
@@ -296,7 +302,8 @@ class Checkpointer:
     def _best(self, complete: list) -> Path | None:
         sign = 1.0 if self.cfg.monitor_mode == "min" else -1.0
         scored = [
-            (sign * m["monitor"]["value"], step, path) for step, path, m in complete
+            (sign * m["monitor"]["value"], step, path)
+            for step, path, m in complete
             if (m.get("monitor") or {}).get("name") == self.cfg.monitor and m["monitor"].get("value") is not None
         ]
         return min(scored)[2] if scored else None  # ties: the earliest, as early stopping counts them
@@ -374,7 +381,8 @@ class Checkpointer:
             moved = f", written by {manifest['world_size']} processes" if manifest["world_size"] != self.accelerator.num_processes else ""
             print(
                 f"dist_train: resumed from {path} at optimizer step {self.state.optimizer_step} (epoch "
-                f"{self.state.epoch}, {self.state.samples_consumed} samples into it{moved})", flush=True,
+                f"{self.state.epoch}, {self.state.samples_consumed} samples into it{moved})",
+                flush=True,
             )
             for change in changes:
                 print(f"dist_train: resume: {change} (applied from optimizer step {self.state.optimizer_step + 1} on)", flush=True)
@@ -384,7 +392,9 @@ class Checkpointer:
         try:
             saved = yaml.safe_load((path / "config.yaml").read_text())
         except (OSError, yaml.YAMLError) as exc:  # manifest-verified, so only a checkpoint of an old format
-            raise UserError(f"checkpoint {path} has no readable config.yaml ({exc}); resume it with the dist_train that wrote it.") from None
+            raise UserError(
+                f"checkpoint {path} has no readable config.yaml ({exc}); resume it with the dist_train that wrote it."
+            ) from None
         return check_changes(saved, self.cfg, str(path))
 
     def _choose(self) -> tuple[str | None, dict | None, str | None]:
@@ -393,10 +403,14 @@ class Checkpointer:
         if mode == "never":
             complete = self._complete()
             if complete:
-                return None, None, (
-                    f"resume: never, but {self.root} already holds checkpoints (newest {complete[-1][1].name}) "
-                    "that would mix with this run's. Use resume: auto to continue that run, another output_dir, "
-                    "or delete the folder."
+                return (
+                    None,
+                    None,
+                    (
+                        f"resume: never, but {self.root} already holds checkpoints (newest {complete[-1][1].name}) "
+                        "that would mix with this run's. Use resume: auto to continue that run, another output_dir, "
+                        "or delete the folder."
+                    ),
                 )
             return None, None, None
         if mode != "auto":
@@ -493,8 +507,10 @@ class Checkpointer:
             with safe_custom_state_loader():
                 acc.load_state(str(path))
         except (UserError, pickle.UnpicklingError) as exc:
-            raise exc if isinstance(exc, UserError) else UserError(
-                f"checkpoint {path}: refusing to unpickle a file with non-tensor objects ({str(exc).splitlines()[0]})."
+            raise (
+                exc
+                if isinstance(exc, UserError)
+                else UserError(f"checkpoint {path}: refusing to unpickle a file with non-tensor objects ({str(exc).splitlines()[0]}).")
             ) from None
         except RuntimeError as exc:
             if not any(sign in str(exc) for sign in _MISFIT_SIGNS):

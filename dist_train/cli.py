@@ -31,15 +31,37 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("--config", help="YAML file of config keys")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="override a config key; values are YAML scalars (lr=3e-4 cpu=true)")
-    plot = commands.add_parser("plot", help="plot a run's curves", description="Write RUN_DIR/curves.png: train/val loss and lr against optimizer step (needs matplotlib).")
+    train.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="override a config key; values are YAML scalars (lr=3e-4 cpu=true)"
+    )
+    plot = commands.add_parser(
+        "plot",
+        help="plot a run's curves",
+        description="Write RUN_DIR/curves.png: train/val loss and lr against optimizer step (needs matplotlib).",
+    )
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a run's output_dir (it holds metrics.jsonl)")
-    export = commands.add_parser("export", help="export weights for inference", description="Write a run's final weights or a checkpoint's (model.safetensors, sharded when large) and the model's import string and model_args to DIR; load with dist_train.load_model(DIR, model=MyModel).")
-    export.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help="a run's output_dir (its final model.safetensors, or its newest complete checkpoint when that is newer) or a checkpoint directory")
+    export = commands.add_parser(
+        "export",
+        help="export weights for inference",
+        description="Write a run's final weights or a checkpoint's (model.safetensors, sharded when large) and the model's import string and model_args to DIR; load with dist_train.load_model(DIR, model=MyModel).",
+    )
+    export.add_argument(
+        "source",
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="a run's output_dir (its final model.safetensors, or its newest complete checkpoint when that is newer) or a checkpoint directory",
+    )
     export.add_argument("--out", required=True, metavar="DIR", help="where to write the export")
     export.add_argument("--max-shard-size", default="5GB", help="split the weights into shards of at most this size (default 5GB)")
-    export.add_argument("--model", metavar="IMPORT_STRING", help="record this model (path/to/model.py:MyModel or package.module:MyModel) instead of config.yaml's, e.g. when its relative path does not resolve from here")
-    doctor = commands.add_parser("doctor", help="check a launch before training", description="Print the resolved launch (ranks, nodes, devices, backend, SLURM variables), run an all_reduce smoke test and exit non-zero naming any problem. Launch it exactly like `train`.")
+    export.add_argument(
+        "--model",
+        metavar="IMPORT_STRING",
+        help="record this model (path/to/model.py:MyModel or package.module:MyModel) instead of config.yaml's, e.g. when its relative path does not resolve from here",
+    )
+    doctor = commands.add_parser(
+        "doctor",
+        help="check a launch before training",
+        description="Print the resolved launch (ranks, nodes, devices, backend, SLURM variables), run an all_reduce smoke test and exit non-zero naming any problem. Launch it exactly like `train`.",
+    )
     doctor.add_argument("--config", help="YAML file of config keys (the one the training will use)")
     doctor.add_argument("--timeout_s", type=float, default=30.0, help="seconds the process group and the smoke test may take (default 30)")
     doctor.add_argument("overrides", nargs="*", metavar="key=value", help="the training's overrides")

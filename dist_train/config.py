@@ -37,11 +37,18 @@ class Config:
     """A training run. Field order is the order of the README's reference and of `--help`."""
 
     # --- what to train -------------------------------------------------------------------------
-    model: str = _opt(DEFAULT_MODEL, "Import string (`path/to/model.py:MyModel` or `pkg.module:MyModel`) of a callable returning an nn.Module.")
+    model: str = _opt(
+        DEFAULT_MODEL, "Import string (`path/to/model.py:MyModel` or `pkg.module:MyModel`) of a callable returning an nn.Module."
+    )
     model_args: dict = _opt({}, "Keyword arguments passed to `model`.")
-    data: str = _opt(DEFAULT_DATA, "Import string of `get_dataloader(cfg, train) -> DataLoader` (or `-> Dataset`, then dist_train builds the loaders).")
+    data: str = _opt(
+        DEFAULT_DATA, "Import string of `get_dataloader(cfg, train) -> DataLoader` (or `-> Dataset`, then dist_train builds the loaders)."
+    )
     data_args: dict = _opt({}, "Extra attributes of the `cfg` handed to `data` (e.g. `data_path`).")
-    loss: str = _opt("cross_entropy", "`cross_entropy`, `mse`, `model` (the loss the model returns, e.g. a transformers model given `labels`), or the import string of `(outputs, targets) -> loss`.")
+    loss: str = _opt(
+        "cross_entropy",
+        "`cross_entropy`, `mse`, `model` (the loss the model returns, e.g. a transformers model given `labels`), or the import string of `(outputs, targets) -> loss`.",
+    )
 
     # --- optimisation --------------------------------------------------------------------------
     optimizer: str = _opt("adamw", "Optimizer.", choices=("adam", "adamw", "sgd"))
@@ -51,15 +58,21 @@ class Config:
     epochs: int = _opt(20, "Passes over the training set.", minimum=1)
     batch_size: int = _opt(32, "Samples per process per micro-batch (global batch = batch_size x processes x grad_accum_steps).", minimum=1)
     grad_accum_steps: int = _opt(1, "Micro-batches accumulated into one optimizer step.", minimum=1)
-    max_grad_norm: Optional[float] = _opt(None, "Clip the global gradient norm to this value on each optimizer step (null: no clipping).", minimum=0.0)
-    lr_schedule: str = _opt("constant", "Learning-rate schedule after warmup, per optimizer step.", choices=("constant", "linear", "cosine"))
+    max_grad_norm: Optional[float] = _opt(
+        None, "Clip the global gradient norm to this value on each optimizer step (null: no clipping).", minimum=0.0
+    )
+    lr_schedule: str = _opt(
+        "constant", "Learning-rate schedule after warmup, per optimizer step.", choices=("constant", "linear", "cosine")
+    )
     warmup_steps: int = _opt(0, "Optimizer steps of linear warmup from 0 to `lr`.", minimum=0)
     max_steps: Optional[int] = _opt(None, "Stop after this many optimizer steps (overrides `epochs`).", minimum=1)
     mixed_precision: str = _opt("no", "Autocast precision through the Accelerator (fp16 needs a GPU).", choices=("no", "fp16", "bf16"))
 
     # --- validation and stopping ---------------------------------------------------------------
     eval_every: Optional[int] = _opt(None, "Also validate every N optimizer steps (always at each epoch end).", minimum=1)
-    early_stopping_patience: Optional[int] = _opt(None, "Stop after this many validations without improvement of `monitor` (null: never).", minimum=1)
+    early_stopping_patience: Optional[int] = _opt(
+        None, "Stop after this many validations without improvement of `monitor` (null: never).", minimum=1
+    )
     monitor: str = _opt("val_loss", "Validation metric watched by early stopping and `keep_best`.")
     monitor_mode: str = _opt("min", "Whether a smaller or larger `monitor` is better.", choices=("min", "max"))
 
@@ -68,10 +81,25 @@ class Config:
     num_workers: int = _opt(0, "DataLoader worker processes (per process).", minimum=0)
     output_dir: str = _opt("runs/default", "Where config.yaml, metrics.jsonl, checkpoints and model.safetensors go.")
     cpu: bool = _opt(False, "Force CPU even when a GPU is present.")
-    collective_timeout_s: int = _opt(1800, "Seconds a collective may wait for other ranks before the job fails (longer than hang_timeout_s, which says where it hangs).", minimum=1)
-    startup_timeout_s: int = _opt(600, "Seconds the ranks may take to form the process group, at launch and after an in-job restart (--max_restarts), and the limit of every collective until the first optimizer step; then collective_timeout_s applies (the shorter of the two applies until then).", minimum=1)
-    hang_timeout_s: Optional[int] = _opt(900, "A rank without progress for this long writes every rank's stacks to output_dir/diagnostics/ and stops the job, naming the rank that is behind (null: off). Longer than the slowest step, validation and checkpoint save.", minimum=1)
-    find_unused_parameters: bool = _opt(False, "Let DDP allow parameters that get no gradient in some steps (slower; needed for models with unused or conditionally used parameters).")
+    collective_timeout_s: int = _opt(
+        1800,
+        "Seconds a collective may wait for other ranks before the job fails (longer than hang_timeout_s, which says where it hangs).",
+        minimum=1,
+    )
+    startup_timeout_s: int = _opt(
+        600,
+        "Seconds the ranks may take to form the process group, at launch and after an in-job restart (--max_restarts), and the limit of every collective until the first optimizer step; then collective_timeout_s applies (the shorter of the two applies until then).",
+        minimum=1,
+    )
+    hang_timeout_s: Optional[int] = _opt(
+        900,
+        "A rank without progress for this long writes every rank's stacks to output_dir/diagnostics/ and stops the job, naming the rank that is behind (null: off). Longer than the slowest step, validation and checkpoint save.",
+        minimum=1,
+    )
+    find_unused_parameters: bool = _opt(
+        False,
+        "Let DDP allow parameters that get no gradient in some steps (slower; needed for models with unused or conditionally used parameters).",
+    )
 
     # --- logging -------------------------------------------------------------------------------
     log_every: int = _opt(10, "Log training metrics every N optimizer steps.", minimum=1)
@@ -82,19 +110,33 @@ class Config:
     checkpoint_every: Optional[int] = _opt(None, "Save a checkpoint every N optimizer steps (null: only at epoch ends).", minimum=1)
     checkpoint_epochs: bool = _opt(True, "Save a checkpoint at the end of each epoch.")
     keep_last: Optional[int] = _opt(None, "Keep only the newest K checkpoints (null: keep all).", minimum=1)
-    async_checkpoint: bool = _opt(False, "Write checkpoints in the background from an in-memory snapshot taken at the step boundary (one extra host copy of the model and optimizer state; not with FSDP/DeepSpeed).")
+    async_checkpoint: bool = _opt(
+        False,
+        "Write checkpoints in the background from an in-memory snapshot taken at the step boundary (one extra host copy of the model and optimizer state; not with FSDP/DeepSpeed).",
+    )
     keep_best: bool = _opt(False, "Also keep the checkpoint with the best `monitor`, never pruned.")
     resume: str = _opt("auto", "`auto` (newest complete checkpoint in output_dir, if any), `never`, or a checkpoint path.")
 
     # --- debugging -----------------------------------------------------------------------------
-    fast_dev_run: int = _opt(0, "Run N train and N val batches through the whole loop once, no checkpoints (0: off). Resolved before the run into max_steps, log_every, limit_val_batches and checkpoints (see config.yaml).", minimum=0)
+    fast_dev_run: int = _opt(
+        0,
+        "Run N train and N val batches through the whole loop once, no checkpoints (0: off). Resolved before the run into max_steps, log_every, limit_val_batches and checkpoints (see config.yaml).",
+        minimum=0,
+    )
     limit_val_batches: Optional[int] = _opt(None, "Validate on at most N batches per process (null: the whole validation set).", minimum=1)
-    checkpoints: bool = _opt(True, "Write checkpoints and the final weights, and resume from checkpoints (false: the run leaves no weights behind and resumes nothing).")
-    overfit_batches: int = _opt(0, "Train and validate on the same first N global batches of the training set, in order (0: off).", minimum=0)
+    checkpoints: bool = _opt(
+        True,
+        "Write checkpoints and the final weights, and resume from checkpoints (false: the run leaves no weights behind and resumes nothing).",
+    )
+    overfit_batches: int = _opt(
+        0, "Train and validate on the same first N global batches of the training set, in order (0: off).", minimum=0
+    )
     detect_anomaly: bool = _opt(False, "Turn on autograd anomaly detection (slow).")
     on_nonfinite: str = _opt("stop", "On a NaN/inf training loss: stop with an error, or skip the update.", choices=("stop", "skip"))
     compile: bool = _opt(False, "torch.compile the model through Accelerate's dynamo settings.")
-    profile_steps: Optional[list] = _opt(None, "`[start, end]`: write a torch.profiler trace of these optimizer steps to output_dir/profile/.")
+    profile_steps: Optional[list] = _opt(
+        None, "`[start, end]`: write a torch.profiler trace of these optimizer steps to output_dir/profile/."
+    )
     auto_batch_size: bool = _opt(False, "Probe one training step first; on out-of-memory on any rank, all halve `batch_size` and retry.")
 
     def data_view(self) -> types.SimpleNamespace:
@@ -129,43 +171,88 @@ def describe_keys() -> str:
 def reference_table() -> str:
     """The README's config reference, a Markdown table (a test keeps the README equal to it)."""
     rows = ["| Key | Default | Meaning |", "|---|---|---|"]
-    rows += [f"| `{name}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {doc.replace('|', '/')} |"
-             for name, default, doc in _key_docs()]
+    rows += [
+        f"| `{name}` | `{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}` | {doc.replace('|', '/')} |"
+        for name, default, doc in _key_docs()
+    ]
     return "\n".join(rows)
 
 
 # Names users bring from other trainers (HF Trainer, Lightning, torchtitan, Accelerate examples): spelling
 # similarity cannot find these (`learning_rate` looks nothing like `lr`).
 _FOREIGN_KEYS = {
-    "learning_rate": "lr", "optimizer.lr": "lr", "base_lr": "lr",
-    "optim": "optimizer", "optimizer.name": "optimizer",
-    "num_epochs": "epochs", "num_train_epochs": "epochs", "max_epochs": "epochs", "n_epochs": "epochs",
-    "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size", "bs": "batch_size",
-    "micro_batch_size": "batch_size", "local_batch_size": "batch_size", "training.local_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum_steps", "accumulate_grad_batches": "grad_accum_steps",
-    "gradient_clip_val": "max_grad_norm", "clip_grad_norm": "max_grad_norm", "grad_clip": "max_grad_norm",
-    "training.max_norm": "max_grad_norm", "max_norm": "max_grad_norm",
-    "lr_scheduler": "lr_schedule", "lr_scheduler_type": "lr_schedule", "scheduler": "lr_schedule",
-    "warmup": "warmup_steps", "num_warmup_steps": "warmup_steps", "warmup_ratio": "warmup_steps",
+    "learning_rate": "lr",
+    "optimizer.lr": "lr",
+    "base_lr": "lr",
+    "optim": "optimizer",
+    "optimizer.name": "optimizer",
+    "num_epochs": "epochs",
+    "num_train_epochs": "epochs",
+    "max_epochs": "epochs",
+    "n_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size",
+    "bs": "batch_size",
+    "micro_batch_size": "batch_size",
+    "local_batch_size": "batch_size",
+    "training.local_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "accumulate_grad_batches": "grad_accum_steps",
+    "gradient_clip_val": "max_grad_norm",
+    "clip_grad_norm": "max_grad_norm",
+    "grad_clip": "max_grad_norm",
+    "training.max_norm": "max_grad_norm",
+    "max_norm": "max_grad_norm",
+    "lr_scheduler": "lr_schedule",
+    "lr_scheduler_type": "lr_schedule",
+    "scheduler": "lr_schedule",
+    "warmup": "warmup_steps",
+    "num_warmup_steps": "warmup_steps",
+    "warmup_ratio": "warmup_steps",
     "lr_scheduler.warmup_steps": "warmup_steps",
-    "max_train_steps": "max_steps", "training.steps": "max_steps", "steps": "max_steps",
-    "precision": "mixed_precision", "fp16": "mixed_precision", "bf16": "mixed_precision",
-    "eval_steps": "eval_every", "val_check_interval": "eval_every", "eval_interval": "eval_every",
-    "patience": "early_stopping_patience", "early_stopping": "early_stopping_patience",
-    "metric_for_best_model": "monitor", "greater_is_better": "monitor_mode", "mode": "monitor_mode",
+    "max_train_steps": "max_steps",
+    "training.steps": "max_steps",
+    "steps": "max_steps",
+    "precision": "mixed_precision",
+    "fp16": "mixed_precision",
+    "bf16": "mixed_precision",
+    "eval_steps": "eval_every",
+    "val_check_interval": "eval_every",
+    "eval_interval": "eval_every",
+    "patience": "early_stopping_patience",
+    "early_stopping": "early_stopping_patience",
+    "metric_for_best_model": "monitor",
+    "greater_is_better": "monitor_mode",
+    "mode": "monitor_mode",
     "dataloader_num_workers": "num_workers",
-    "output": "output_dir", "output_path": "output_dir", "default_root_dir": "output_dir",
-    "dump_folder": "output_dir", "job.dump_folder": "output_dir", "logging_dir": "output_dir",
-    "no_cuda": "cpu", "use_cpu": "cpu",
-    "ddp_timeout": "collective_timeout_s", "timeout": "collective_timeout_s",
+    "output": "output_dir",
+    "output_path": "output_dir",
+    "default_root_dir": "output_dir",
+    "dump_folder": "output_dir",
+    "job.dump_folder": "output_dir",
+    "logging_dir": "output_dir",
+    "no_cuda": "cpu",
+    "use_cpu": "cpu",
+    "ddp_timeout": "collective_timeout_s",
+    "timeout": "collective_timeout_s",
     "ddp_find_unused_parameters": "find_unused_parameters",
-    "logging_steps": "log_every", "log_every_n_steps": "log_every", "log_freq": "log_every",
-    "metrics.log_freq": "log_every", "report_to": "log_with", "logger": "log_with",
-    "disable_tqdm": "progress", "enable_progress_bar": "progress",
-    "save_steps": "checkpoint_every", "checkpoint.interval": "checkpoint_every", "every_n_train_steps": "checkpoint_every",
-    "save_total_limit": "keep_last", "checkpoint.keep_latest_k": "keep_last",
-    "resume_from_checkpoint": "resume", "ckpt_path": "resume",
-    "torch_compile": "compile", "auto_find_batch_size": "auto_batch_size",
+    "logging_steps": "log_every",
+    "log_every_n_steps": "log_every",
+    "log_freq": "log_every",
+    "metrics.log_freq": "log_every",
+    "report_to": "log_with",
+    "logger": "log_with",
+    "disable_tqdm": "progress",
+    "enable_progress_bar": "progress",
+    "save_steps": "checkpoint_every",
+    "checkpoint.interval": "checkpoint_every",
+    "every_n_train_steps": "checkpoint_every",
+    "save_total_limit": "keep_last",
+    "checkpoint.keep_latest_k": "keep_last",
+    "resume_from_checkpoint": "resume",
+    "ckpt_path": "resume",
+    "torch_compile": "compile",
+    "auto_find_batch_size": "auto_batch_size",
 }
 
 
@@ -307,5 +394,12 @@ def resolve_modes(cfg: Config) -> Config:
     if not cfg.fast_dev_run:
         return cfg
     steps = math.ceil(cfg.fast_dev_run / cfg.grad_accum_steps)
-    return dataclasses.replace(cfg, max_steps=steps, log_every=1, eval_every=None, limit_val_batches=cfg.fast_dev_run,
-                               checkpoints=False, warmup_steps=min(cfg.warmup_steps, steps))
+    return dataclasses.replace(
+        cfg,
+        max_steps=steps,
+        log_every=1,
+        eval_every=None,
+        limit_val_batches=cfg.fast_dev_run,
+        checkpoints=False,
+        warmup_steps=min(cfg.warmup_steps, steps),
+    )

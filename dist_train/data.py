@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, SequentialSampler, Subset
@@ -74,9 +74,17 @@ class EpochSampler(Sampler[int]):
     batches, and `unit_samples` (the loop's `batch_size`) converts the loop's `samples_consumed`.
     """
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool, micro_batch_samples: int,
-                 step_samples: int | None = None, drop_last: bool = False, source: UserOrder | None = None,
-                 unit_samples: int = 1):
+    def __init__(
+        self,
+        num_samples: int,
+        seed: int,
+        shuffle: bool,
+        micro_batch_samples: int,
+        step_samples: int | None = None,
+        drop_last: bool = False,
+        source: UserOrder | None = None,
+        unit_samples: int = 1,
+    ):
         self._num_samples = num_samples
         self.seed = seed
         self.shuffle = shuffle
@@ -166,8 +174,7 @@ class UserBatches(Sampler[list[int]]):
 def _user_loaders(cfg: Config):
     get_data = resolve(cfg.data, "data")
     view = cfg.data_view()
-    check_call(get_data, {}, f"data: {cfg.data!r} cannot be called as get_dataloader(cfg, train)",
-               "It must take (cfg, train).", view, True)
+    check_call(get_data, {}, f"data: {cfg.data!r} cannot be called as get_dataloader(cfg, train)", "It must take (cfg, train).", view, True)
     return get_data(view, True), get_data(view, False)
 
 
@@ -177,8 +184,7 @@ def _as_loader(obj, cfg: Config, train: bool) -> DataLoader:
     if isinstance(obj, Dataset) or (hasattr(obj, "__getitem__") and hasattr(obj, "__len__")):
         return DataLoader(obj, batch_size=cfg.batch_size, shuffle=train, num_workers=cfg.num_workers)
     raise UserError(
-        f"data: {cfg.data!r} returned a {type(obj).__name__} for train={train}; it must return a "
-        "torch DataLoader or a Dataset."
+        f"data: {cfg.data!r} returned a {type(obj).__name__} for train={train}; it must return a torch DataLoader or a Dataset."
     )
 
 
@@ -212,8 +218,15 @@ def _with_epoch_sampler(loader: DataLoader, cfg: Config, world_size: int) -> Dat
     if shuffle is None:  # the user's own sampler: its draw, checked
         source = UserOrder(loader.sampler, cfg.seed, fixed_length=_epochs_budget(cfg)).check(world_size)
     micro_batch_samples = loader.batch_size * world_size
-    sampler = EpochSampler(len(loader.dataset), cfg.seed, bool(shuffle), micro_batch_samples,
-                           micro_batch_samples * cfg.grad_accum_steps, loader.drop_last, source=source)
+    sampler = EpochSampler(
+        len(loader.dataset),
+        cfg.seed,
+        bool(shuffle),
+        micro_batch_samples,
+        micro_batch_samples * cfg.grad_accum_steps,
+        loader.drop_last,
+        source=source,
+    )
     sampler.dataset_length = len(loader.dataset)
     if sampler.epoch_samples == 0:
         raise UserError(
@@ -234,8 +247,7 @@ def _with_user_batches(loader: DataLoader, cfg: Config, world_size: int) -> Data
     source = UserOrder(loader.batch_sampler, cfg.seed, batches=True, fixed_length=_epochs_budget(cfg)).check(world_size)
     # Units are batches: one global micro-batch is one batch per process. The loop counts each process's
     # batch as batch_size samples, whatever its size, hence unit_samples.
-    sampler = EpochSampler(0, cfg.seed, False, world_size, world_size * cfg.grad_accum_steps, source=source,
-                           unit_samples=cfg.batch_size)
+    sampler = EpochSampler(0, cfg.seed, False, world_size, world_size * cfg.grad_accum_steps, source=source, unit_samples=cfg.batch_size)
     sampler.dataset_length = len(loader.dataset)
     return _rebuilt(loader, cfg, sampler, UserBatches(sampler, source))
 
@@ -396,9 +408,15 @@ def _stateful_loader(loader: DataLoader, cfg: Config) -> DataLoader:
             "(dist_train then reads it through a StatefulDataLoader), or set num_workers: 0."
         ) from None
     return StatefulDataLoader(
-        loader.dataset, batch_size=loader.batch_size, drop_last=loader.drop_last, num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn, persistent_workers=loader.persistent_workers,
+        loader.dataset,
+        batch_size=loader.batch_size,
+        drop_last=loader.drop_last,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        persistent_workers=loader.persistent_workers,
         prefetch_factor=loader.prefetch_factor,
     )
 

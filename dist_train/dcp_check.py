@@ -70,7 +70,9 @@ def check_dcp_folder(folder: Path) -> None:
                 continue  # tensors are read as raw bytes into allocated tensors, never unpickled
             info = storage.get(MetadataIndex(fqn))
             if info is None or getattr(info, "transform_descriptors", None):
-                raise UserError(f"checkpoint {metadata_file.parent}: value {fqn!r} is stored in a way dist_train cannot vet; refusing to load it.")
+                raise UserError(
+                    f"checkpoint {metadata_file.parent}: value {fqn!r} is stored in a way dist_train cannot vet; refusing to load it."
+                )
             data_file = metadata_file.parent / str(pathlib.PurePath(info.relative_path))
             with open(data_file, "rb") as f:
                 f.seek(info.offset)

@@ -28,9 +28,18 @@ import time
 from collections import Counter
 
 SLURM_VARS = (
-    "SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES",
-    "SLURM_NODEID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_GPUS_ON_NODE",
-    "SLURM_RESTART_COUNT", "CUDA_VISIBLE_DEVICES",
+    "SLURM_JOB_ID",
+    "SLURM_ARRAY_JOB_ID",
+    "SLURM_ARRAY_TASK_ID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_NNODES",
+    "SLURM_NODEID",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+    "SLURM_NTASKS",
+    "SLURM_GPUS_ON_NODE",
+    "SLURM_RESTART_COUNT",
+    "CUDA_VISIBLE_DEVICES",
 )
 
 
@@ -55,8 +64,10 @@ def check_main_address(timeout_s: float) -> str | None:
                 return None
         except OSError as exc:
             if time.monotonic() >= deadline:
-                return (f"main address {addr}:{port} ({ip}) unreachable from {socket.gethostname()} for {timeout_s:.0f} s "
-                        f"({exc.strerror or type(exc).__name__}); check --main_process_ip/--main_process_port and firewalls")
+                return (
+                    f"main address {addr}:{port} ({ip}) unreachable from {socket.gethostname()} for {timeout_s:.0f} s "
+                    f"({exc.strerror or type(exc).__name__}); check --main_process_ip/--main_process_port and firewalls"
+                )
             time.sleep(0.2)
 
 
@@ -125,11 +136,15 @@ def _report(views: list[dict], accelerator, cfg) -> None:
     import torch.distributed as dist
 
     backend = dist.get_backend() if dist.is_initialized() else "none (single process)"
-    _say(f"world size {len(views)} on {len({v['host'] for v in views})} node(s); backend {backend}; "
-         f"distributed type {accelerator.distributed_type.value}; mixed precision {cfg.mixed_precision}")
+    _say(
+        f"world size {len(views)} on {len({v['host'] for v in views})} node(s); backend {backend}; "
+        f"distributed type {accelerator.distributed_type.value}; mixed precision {cfg.mixed_precision}"
+    )
     for v in views:
-        _say(f"  rank {v['rank']:>3}  local rank {v['local_rank']:>2}/{v['local_world_size']}  node {v['host']}  "
-             f"device {v['device']}  config {v['config_sha']}")
+        _say(
+            f"  rank {v['rank']:>3}  local rank {v['local_rank']:>2}/{v['local_world_size']}  node {v['host']}  "
+            f"device {v['device']}  config {v['config_sha']}"
+        )
     for key, value in views[0]["slurm"].items():
         _say(f"  {key}={value}")
 
@@ -153,24 +168,34 @@ def run_doctor(cfg, timeout_s: float) -> int:
         accelerator = make_accelerator(dataclasses.replace(cfg, collective_timeout_s=max(1, int(timeout_s))))
     except (RuntimeError, OSError) as exc:  # DistStoreError, DistNetworkError: the group never formed
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"dist-train doctor: FAILED: the process group did not form on rank {os.environ.get('RANK', '0')} "
-              f"({socket.gethostname()}) within {timeout_s:.0f} s: {first_line}", file=sys.stderr, flush=True)
+        print(
+            f"dist-train doctor: FAILED: the process group did not form on rank {os.environ.get('RANK', '0')} "
+            f"({socket.gethostname()}) within {timeout_s:.0f} s: {first_line}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     try:
         views = gather_object([_local_view(cfg)])
         total = accelerator.reduce(torch.ones(1, device=accelerator.device), reduction="sum")
     except Exception as exc:  # a timeout or a dead peer surfaces as the backend's own error type
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(f"dist-train doctor: FAILED: all_reduce smoke test on rank {accelerator.process_index} "
-              f"({socket.gethostname()}) did not complete within {timeout_s:.0f} s: {first_line}", file=sys.stderr, flush=True)
+        print(
+            f"dist-train doctor: FAILED: all_reduce smoke test on rank {accelerator.process_index} "
+            f"({socket.gethostname()}) did not complete within {timeout_s:.0f} s: {first_line}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     views.sort(key=lambda v: v["rank"])
     problems = _problems(views, cfg)
     total = int(total.item())
     sum_ok = total == accelerator.num_processes
     if not sum_ok:
-        problems.append(f"all_reduce smoke test returned {total}, expected {accelerator.num_processes} (one per rank); "
-                        "the backend or the network between the nodes corrupts collectives")
+        problems.append(
+            f"all_reduce smoke test returned {total}, expected {accelerator.num_processes} (one per rank); "
+            "the backend or the network between the nodes corrupts collectives"
+        )
     if accelerator.is_main_process:
         _report(views, accelerator, cfg)
         _say(f"all_reduce across {accelerator.num_processes} ranks: " + ("ok" if sum_ok else f"FAILED (sum {total})"))

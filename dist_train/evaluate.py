@@ -14,8 +14,8 @@ def _is_classification(loss: Loss, outputs, targets) -> bool:
     if loss.is_classification:
         return True
     return (
-        not loss.model_computes and
-        isinstance(outputs, torch.Tensor)
+        not loss.model_computes
+        and isinstance(outputs, torch.Tensor)
         and isinstance(targets, torch.Tensor)
         and not targets.is_floating_point()
         and outputs.ndim == targets.ndim + 1
@@ -43,8 +43,7 @@ def _rows(value, count: int):
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss: Loss, accelerator: Accelerator, data_spec: str, max_batches: int | None = None,
-             on_batch=None) -> dict:
+def evaluate(model, loader, loss: Loss, accelerator: Accelerator, data_spec: str, max_batches: int | None = None, on_batch=None) -> dict:
     """Mean per-sample loss (and accuracy for classification) over every validation sample, once.
 
     Per-sample values are gathered with `gather_for_metrics`, which drops the duplicates Accelerate
@@ -78,7 +77,11 @@ def evaluate(model, loader, loss: Loss, accelerator: Accelerator, data_spec: str
         if classification is None:
             classification = _is_classification(loss, outputs, targets)
         # Per sample, like the loss: the fraction of its predictions (one, or one per token) that are right.
-        correct = (logits_of(outputs).argmax(dim=-1) == targets).float().reshape(len(per_sample), -1).mean(dim=1) if classification else per_sample
+        correct = (
+            (logits_of(outputs).argmax(dim=-1) == targets).float().reshape(len(per_sample), -1).mean(dim=1)
+            if classification
+            else per_sample
+        )
         per_sample, correct = accelerator.gather_for_metrics((per_sample, correct))
         loss_sum += per_sample.double().sum()
         hits += correct.double().sum()

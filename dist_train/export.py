@@ -16,8 +16,8 @@ import contextlib
 import json
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -68,7 +68,9 @@ def choose_weights(source: Path) -> tuple[Path, str, int | None]:
             return path, f"checkpoint {path}", step
     if final:
         return source, f"the final weights of {source}", _final_step(source, final)
-    raise UserError(f"export: {source} is neither a checkpoint nor a run directory with model.safetensors or a complete checkpoint in checkpoints/.")
+    raise UserError(
+        f"export: {source} is neither a checkpoint nor a run directory with model.safetensors or a complete checkpoint in checkpoints/."
+    )
 
 
 def _mtime(path: Path) -> int:
@@ -131,7 +133,9 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
         try:
             state_dict.update(load_file(str(folder / name)))
         except (SafetensorError, FileNotFoundError) as exc:
-            raise UserError(f"{folder / name} cannot be read ({exc}); export again (from one of the run's checkpoints if its final weights are damaged).") from None
+            raise UserError(
+                f"{folder / name} cannot be read ({exc}); export again (from one of the run's checkpoints if its final weights are damaged)."
+            ) from None
     return state_dict
 
 
@@ -140,7 +144,9 @@ def export(source: str | Path, out: str | Path, max_shard_bytes: int = 5 * 10**9
     config.yaml's) and model_args to `out`; prints what it exported, at which optimizer step."""
     folder, what, step = choose_weights(Path(source))
     if not (folder / "config.yaml").is_file():
-        raise UserError(f"export: {folder} has no config.yaml (the model and model_args); export a run's output_dir or one of its checkpoints.")
+        raise UserError(
+            f"export: {folder} has no config.yaml (the model and model_args); export a run's output_dir or one of its checkpoints."
+        )
     cfg = yaml.safe_load((folder / "config.yaml").read_text())
     model_spec = _model_spec(model, "--model") if model else _model_spec(cfg["model"], f"model in {folder / 'config.yaml'}")
     weights = _weights(folder)
@@ -148,8 +154,11 @@ def export(source: str | Path, out: str | Path, max_shard_bytes: int = 5 * 10**9
     out.mkdir(parents=True, exist_ok=True)
     _save_sharded(weights, out, max_shard_bytes)
     config = {
-        "format": "dist_train-model/1", "model": model_spec, "model_args": cfg.get("model_args") or {},
-        "source": str(folder.resolve()), "optimizer_step": step,
+        "format": "dist_train-model/1",
+        "model": model_spec,
+        "model_args": cfg.get("model_args") or {},
+        "source": str(folder.resolve()),
+        "optimizer_step": step,
     }
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=1))
     at = "optimizer step unknown" if step is None else f"optimizer step {step}"
@@ -202,7 +211,12 @@ def load_model(directory: str | Path, model: Callable | nn.Module | None = None,
         built = model
     elif model is not None:
         name = getattr(model, "__name__", repr(model))
-        check_call(model, kwargs, f"load_model: model={name} cannot take the export's model_args {kwargs!r}", "Pass a built model: model=YourClass(...).")
+        check_call(
+            model,
+            kwargs,
+            f"load_model: model={name} cannot take the export's model_args {kwargs!r}",
+            "Pass a built model: model=YourClass(...).",
+        )
         built = model(**kwargs)
         if not isinstance(built, nn.Module):
             raise UserError(f"load_model: model={name} returned a {type(built).__name__}, not a torch.nn.Module; pass the model class.")
@@ -219,9 +233,13 @@ def load_model(directory: str | Path, model: Callable | nn.Module | None = None,
 
 def _load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], directory: Path) -> None:
     own = model.state_dict()
-    wrong = [f"{k} (export {list(t.shape)}, model {list(own[k].shape)})" for k, t in state_dict.items() if k in own and t.shape != own[k].shape]
+    wrong = [
+        f"{k} (export {list(t.shape)}, model {list(own[k].shape)})" for k, t in state_dict.items() if k in own and t.shape != own[k].shape
+    ]
     if wrong:
-        raise UserError(f"load_model: {directory} does not fit the model: {', '.join(wrong[:8])}; pass the class and model_args it was trained with.")
+        raise UserError(
+            f"load_model: {directory} does not fit the model: {', '.join(wrong[:8])}; pass the class and model_args it was trained with."
+        )
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     # Tied weights (an LM head that is the embedding's Parameter) are stored under one name: safetensors
     # refuses shared memory, so Accelerate's saves keep one name of each tied group. A name missing from

@@ -22,7 +22,7 @@ It keeps the sampling semantics exactly:
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Dataset, Sampler

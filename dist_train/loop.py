@@ -188,25 +188,40 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
     watchdog = teardown.enter_context(HangWatchdog(cfg.hang_timeout_s, out, accelerator.process_index, accelerator.num_processes))
     watchdog.at("step boundary", step=state.optimizer_step)
     stragglers = StragglerMonitor(accelerator)
-    metrics = teardown.enter_context(MetricsLogger(cfg, accelerator, resumed_step=state.optimizer_step, resumed_losses=state.open_losses,
-                                                   rank_times=lambda steps: stragglers.record(watchdog.take_own_s(), steps)))
+    metrics = teardown.enter_context(
+        MetricsLogger(
+            cfg,
+            accelerator,
+            resumed_step=state.optimizer_step,
+            resumed_losses=state.open_losses,
+            rank_times=lambda steps: stragglers.record(watchdog.take_own_s(), steps),
+        )
+    )
     checkpointer.before_save.append(lambda: metrics.carry_into(state))  # the unlogged loss sums go into checkpoints
     validator = Validator(cfg, accelerator, model, val_loader, loss_fn, metrics, watchdog)
     guard = NonfiniteGuard(cfg, accelerator, model)
     unused = UnusedParameterCheck(cfg, accelerator, model)
     micro_batch_samples = cfg.batch_size * accelerator.num_processes
-    progress = teardown.enter_context(tqdm(
-        total=total_steps if math.isfinite(total_steps) else None, initial=state.optimizer_step, unit="step", dynamic_ncols=True,
-        disable=not (accelerator.is_main_process and cfg.progress and os.isatty(1)),
-    ))
+    progress = teardown.enter_context(
+        tqdm(
+            total=total_steps if math.isfinite(total_steps) else None,
+            initial=state.optimizer_step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (accelerator.is_main_process and cfg.progress and os.isatty(1)),
+        )
+    )
     teardown.enter_context(torch.autograd.detect_anomaly() if cfg.detect_anomaly else contextlib.nullcontext())
     profiler = teardown.enter_context(StepProfiler(cfg.profile_steps, out, accelerator.process_index, accelerator.device))
     profiler.start_at(state.optimizer_step)
 
     stop = state.epoch >= _epoch_limit(cfg) or state.optimizer_step >= total_steps or validator.should_stop(state)
     if stop and accelerator.is_main_process:
-        print(f"dist_train: nothing to train: the run in {out} is finished at optimizer step {state.optimizer_step} "
-              "(raise epochs or max_steps to continue it)", flush=True)
+        print(
+            f"dist_train: nothing to train: the run in {out} is finished at optimizer step {state.optimizer_step} "
+            "(raise epochs or max_steps to continue it)",
+            flush=True,
+        )
     while not stop:
         model.train()
         if sampler is not None:
@@ -255,7 +270,9 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
             progress.update(1)
             record = metrics.log_step(state, lr, grad_norm)
             if record is not None:
-                progress.set_postfix(loss=f"{record['train_loss']:.4g}", lr=f"{record['lr']:.3g}", samples_s=f"{record['samples_per_s']:.0f}")
+                progress.set_postfix(
+                    loss=f"{record['train_loss']:.4g}", lr=f"{record['lr']:.3g}", samples_s=f"{record['samples_per_s']:.0f}"
+                )
             stop = validator.after_step(state, epoch_ended=epoch_ended, last_step=last_step) or last_step
             if epoch_ended:  # the position after an epoch's last step is the start of the next epoch
                 state.epoch, state.samples_consumed = state.epoch + 1, 0
@@ -300,5 +317,9 @@ def _leave_for_requeue(checkpointer: Checkpointer, preemption: Preemption, last_
     """Preempted (all ranks agree): checkpoint now, requeue under SLURM; the exit status says whether it will go on."""
     path = checkpointer.save(last_eval, wait=True)  # complete before the requeue or the exit
     requeued = preemption.requeue()
-    return {"preempted": preemption.signal_name or "another rank", "checkpoint": str(path), "requeued": requeued,
-            "exit_code": 0 if requeued else preemption.exit_code}
+    return {
+        "preempted": preemption.signal_name or "another rank",
+        "checkpoint": str(path),
+        "requeued": requeued,
+        "exit_code": 0 if requeued else preemption.exit_code,
+    }

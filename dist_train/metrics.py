@@ -34,11 +34,15 @@ def check_trackers_installed(log_with: list[str]) -> None:
     for tracker in log_with:
         available = getattr(accelerate.utils, f"is_{tracker}_available", None)
         if available is None:
-            raise UserError(f"log_with: {tracker!r} is not supported by accelerate {accelerate.__version__}; "
-                            f"upgrade it (pip install -U accelerate) or remove {tracker} from log_with.")
+            raise UserError(
+                f"log_with: {tracker!r} is not supported by accelerate {accelerate.__version__}; "
+                f"upgrade it (pip install -U accelerate) or remove {tracker} from log_with."
+            )
         if not available():
-            raise UserError(f"log_with: {tracker!r} needs the {tracker} package, which is not installed; "
-                            f"run pip install 'dist-train[{tracker}]', or remove {tracker} from log_with.")
+            raise UserError(
+                f"log_with: {tracker!r} needs the {tracker} package, which is not installed; "
+                f"run pip install 'dist-train[{tracker}]', or remove {tracker} from log_with."
+            )
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -98,7 +102,7 @@ class MetricsLogger:
         self._untimed_s = 0.0
         self.path = Path(cfg.output_dir) / "metrics.jsonl"
         self._file = self._continue(resumed_step) if self.is_main_process else None
-        for name, carried in ((resumed_losses or {}).items() if resumed_step else ()):
+        for name, carried in (resumed_losses or {}).items() if resumed_step else ():
             self._means[name].restore(carried)
         if cfg.log_with:
             accelerator.init_trackers("dist_train", config={k: v for k, v in vars(cfg).items() if isinstance(v, (int, float, str, bool))})
@@ -187,7 +191,7 @@ class MetricsLogger:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
 
-    def __enter__(self) -> "MetricsLogger":
+    def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -48,9 +48,7 @@ def lr_multiplier(step: int, schedule: str, warmup_steps: int, total_steps: int)
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, cfg.lr_schedule, cfg.warmup_steps, total_steps)
-    )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg.lr_schedule, cfg.warmup_steps, total_steps))
 
 
 def apply_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: Config) -> None:

@@ -71,13 +71,13 @@ def plot_run(run_dir: str | Path) -> Path:
 def plot_if_available(run_dir: str | Path) -> Path | None:
     """The end-of-run plot: drawn when matplotlib is installed, silently skipped otherwise."""
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib
     except ImportError:
         return None
     try:
         return plot_run(run_dir)
     except UserError:  # e.g. a run too short to have logged anything
         return None
-    except Exception as exc:  # noqa: BLE001 - a failed figure must never fail a finished training
+    except Exception as exc:
         print(f"dist_train: warning: could not draw {Path(run_dir) / 'curves.png'}: {exc}", file=sys.stderr)
         return None

@@ -52,8 +52,11 @@ class Preemption:
             # All ranks build the Preemption at the same point, so new_group (itself collective) is safe.
             # The side group gets the run's collective timeout (new_group's own default is 30 min), so a
             # rank that died is noticed here as soon as in the training's collectives.
-            self._group = (dist.group.WORLD if dist.get_backend() == "gloo"
-                           else dist.new_group(backend="gloo", timeout=process_group_timeout(accelerator)))
+            self._group = (
+                dist.group.WORLD
+                if dist.get_backend() == "gloo"
+                else dist.new_group(backend="gloo", timeout=process_group_timeout(accelerator))
+            )
         if threading.current_thread() is threading.main_thread():  # signal.signal only works there
             for sig in _SIGNAL_ACTION:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -112,11 +115,15 @@ class Preemption:
                 if requeued:
                     print(f"dist_train: checkpoint saved; requeued SLURM job {job} (it resumes with resume: auto)", flush=True)
                 else:
-                    print(f"dist_train: warning: `scontrol requeue {job}` failed ({result.stderr.strip()}); "
-                          "the checkpoint is saved, resubmit to resume", file=sys.stderr, flush=True)
+                    print(
+                        f"dist_train: warning: `scontrol requeue {job}` failed ({result.stderr.strip()}); "
+                        "the checkpoint is saved, resubmit to resume",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         return bool(broadcast_object_list([requeued])[0])
 
-    def __enter__(self) -> "Preemption":
+    def __enter__(self) -> Preemption:
         return self
 
     def __exit__(self, exc_type, *_) -> None:
@@ -131,8 +138,6 @@ class Preemption:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
-
-
 
 
 def slurm_job_id() -> str | None:

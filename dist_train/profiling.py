@@ -26,7 +26,7 @@ class StepProfiler:
         self._profiler: profile | None = None
         self._done = False
 
-    def __enter__(self) -> "StepProfiler":
+    def __enter__(self) -> StepProfiler:
         return self
 
     def start_at(self, optimizer_step: int) -> None:

@@ -60,8 +60,10 @@ __all__ = ["process_group_kwargs", "begin", "record_failure", "tell_launcher"]
 
 _SCHEME = "dist-train-attempt"
 LEDGER = "restart.json"
-_SILENT = ("left no error record (killed by a signal such as SIGKILL or the OOM killer, or stopped by the hang watchdog; "
-           "the launcher's log has its exit code)")
+_SILENT = (
+    "left no error record (killed by a signal such as SIGKILL or the OOM killer, or stopped by the hang watchdog; "
+    "the launcher's log has its exit code)"
+)
 
 _run: weakref.ref | None = None  # this process's Accelerator, for the step a failure happened at
 
@@ -230,8 +232,14 @@ def _log_start(cfg: Config, world_size: int) -> str | None:
         if saved.get("agent_started") == agent:  # this job's history (another job starts a new one)
             ledger = saved
     entries = ledger["attempts"]
-    entry = {"attempt": len(entries) + 1, "started": now, "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "host": socket.gethostname(), "previous": None, "refused": None}
+    entry = {
+        "attempt": len(entries) + 1,
+        "started": now,
+        "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "previous": None,
+        "refused": None,
+    }
     if entries:
         records = []
         for path in folder.glob("failure-rank*.json"):
@@ -242,14 +250,18 @@ def _log_start(cfg: Config, world_size: int) -> str | None:
         previous = entry["previous"] = summarize(records, world_size)
         refusal = entries[-1]["refused"]
         if refusal is None and _same(entries[-1]["previous"], previous):
-            refusal = (f"attempts {len(entries) - 1} and {len(entries)} both failed {describe(previous)}. A restart from "
-                       "the same checkpoint would fail there again, so this run stops (the launcher ends the job once its "
-                       "--max_restarts are used up). Fix the cause, then rerun: resume: auto continues from the newest "
-                       f"checkpoint. History: {folder / LEDGER}")
+            refusal = (
+                f"attempts {len(entries) - 1} and {len(entries)} both failed {describe(previous)}. A restart from "
+                "the same checkpoint would fail there again, so this run stops (the launcher ends the job once its "
+                "--max_restarts are used up). Fix the cause, then rerun: resume: auto continues from the newest "
+                f"checkpoint. History: {folder / LEDGER}"
+            )
         entry["refused"] = refusal
-        print(f"dist_train: restart {len(entries)} (--max_restarts {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}): "
-              f"attempt {len(entries)} failed {describe(previous)}; {'stopping' if refusal else f'resuming (resume: {cfg.resume})'}",
-              flush=True)
+        print(
+            f"dist_train: restart {len(entries)} (--max_restarts {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}): "
+            f"attempt {len(entries)} failed {describe(previous)}; {'stopping' if refusal else f'resuming (resume: {cfg.resume})'}",
+            flush=True,
+        )
     entries.append(entry)
     with contextlib.suppress(OSError):
         folder.mkdir(parents=True, exist_ok=True)

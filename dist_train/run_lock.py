@@ -94,13 +94,20 @@ class RunLock:
             os.close(fd)
             if exc.errno not in _NO_LOCK_SUPPORT:
                 raise
-            print(f"dist_train: warning: the file system of output_dir {str(self.output_dir)!r} does not support locks "
-                  f"({exc.strerror}); a second run on the same output_dir will not be stopped.", file=sys.stderr, flush=True)
+            print(
+                f"dist_train: warning: the file system of output_dir {str(self.output_dir)!r} does not support locks "
+                f"({exc.strerror}); a second run on the same output_dir will not be stopped.",
+                file=sys.stderr,
+                flush=True,
+            )
             return self
         self._fd = fd
         _hold(fd)
-        info = {"pid": os.getpid(), "hostname": socket.gethostname(),
-                "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
+        info = {
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
         return self

@@ -21,9 +21,7 @@ class EarlyStopping:
             logged = ", ".join(sorted(k for k, v in metrics.items() if isinstance(v, float)))
             raise UserError(f"monitor: {self.monitor!r} is never logged by validation; choose one of: {logged}.")
         value = float(metrics[self.monitor])
-        improved = math.isfinite(value) and (
-            state.best_metric is None or self.sign * value < self.sign * state.best_metric
-        )
+        improved = math.isfinite(value) and (state.best_metric is None or self.sign * value < self.sign * state.best_metric)
         if improved:
             state.best_metric, state.best_step = value, state.optimizer_step
             state.evals_without_improvement = 0

@@ -45,6 +45,10 @@ class StragglerMonitor:
         self._suspect = slowest
         if self._count >= self.patience and slowest not in self._warned and self.accelerator.is_main_process:
             self._warned.add(slowest)
-            print(f"dist_train: warning: rank {slowest} on {self.hosts[slowest]} is a straggler: {seconds:.3g} s of data "
-                  f"and forward per optimizer step against a median of {median:.3g} s, in {self._count} log intervals "
-                  "in a row; check that host (other jobs, a slow disk, thermal throttling).", file=sys.stderr, flush=True)
+            print(
+                f"dist_train: warning: rank {slowest} on {self.hosts[slowest]} is a straggler: {seconds:.3g} s of data "
+                f"and forward per optimizer step against a median of {median:.3g} s, in {self._count} log intervals "
+                "in a row; check that host (other jobs, a slow disk, thermal throttling).",
+                file=sys.stderr,
+                flush=True,
+            )

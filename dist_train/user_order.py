@@ -110,7 +110,7 @@ class UserOrder:
         drawn = self.draw(epoch)
         return torch.arange(len(drawn)) if self.batches else drawn
 
-    def check(self, world_size: int) -> "UserOrder":
+    def check(self, world_size: int) -> UserOrder:
         """Refuse, on every process at once, an order that is not a function of (seed, epoch) alone."""
         problem, digest = None, None
         try:
@@ -174,9 +174,7 @@ class UserOrder:
         if not integers or order.dtype == torch.bool:
             batch_like = isinstance(items[0], (list, tuple)) or (isinstance(items[0], torch.Tensor) and items[0].ndim > 0)
             hint = " (it yields batches: pass it as batch_sampler=, without batch_size)" if batch_like else ""
-            raise UserError(
-                f"data: the training {self.kind} yields {type(items[0]).__name__} items, not integer dataset indices{hint}."
-            )
+            raise UserError(f"data: the training {self.kind} yields {type(items[0]).__name__} items, not integer dataset indices{hint}.")
         return order.long()
 
     def _as_batches(self, items: list) -> list[list[int]]:
@@ -188,8 +186,7 @@ class UserOrder:
                 indices = None
             if not isinstance(indices, list) or not indices or not all(isinstance(i, int) for i in indices):
                 raise UserError(
-                    f"data: the training {self.kind} yields {batch!r:.60}; each batch must be a non-empty list of "
-                    "integer indices."
+                    f"data: the training {self.kind} yields {batch!r:.60}; each batch must be a non-empty list of integer indices."
                 )
             batches.append(indices)
         return batches

@@ -59,7 +59,7 @@ class HangWatchdog:
         if timeout_s:
             self._thread = threading.Thread(target=self._watch, name="dist_train-hang-watchdog", daemon=True)
 
-    def __enter__(self) -> "HangWatchdog":
+    def __enter__(self) -> HangWatchdog:
         if self._thread is not None:
             self._since = time.monotonic()
             self._thread.start()
@@ -97,8 +97,15 @@ class HangWatchdog:
             return  # another rank reports; this one has left its stacks and keeps waiting with the job
 
     def _position(self, stalled_s: float) -> dict:
-        return {"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(), "step": self.step,
-                "micro_batch": self.micro, "phase": self.phase, "stalled_s": round(stalled_s, 1)}
+        return {
+            "rank": self.rank,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "step": self.step,
+            "micro_batch": self.micro,
+            "phase": self.phase,
+            "stalled_s": round(stalled_s, 1),
+        }
 
     def _dump(self, stalled_s: float) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -124,8 +131,11 @@ class HangWatchdog:
         deadline = time.monotonic() + GRACE_S
         while time.monotonic() < deadline and len(self._positions()) < self.world_size:
             time.sleep(0.5)
-        print(f"dist_train: error: {describe_hang(self._positions(), self.world_size, self.timeout_s, self.folder)}",
-              file=sys.stderr, flush=True)
+        print(
+            f"dist_train: error: {describe_hang(self._positions(), self.world_size, self.timeout_s, self.folder)}",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(1)  # the main thread is stuck; the launcher stops the other ranks
 
     def _positions(self) -> list[dict]:
@@ -140,14 +150,14 @@ class HangWatchdog:
 
 def describe_hang(positions: list[dict], world_size: int, timeout_s: float, folder: Path) -> str:
     """One line: which rank(s) are behind the others, where, and which files to read."""
-    key = lambda p: (p["step"], p["micro_batch"], PHASES.index(p["phase"]) if p["phase"] in PHASES else 0)  # noqa: E731
+    key = lambda p: (p["step"], p["micro_batch"], PHASES.index(p["phase"]) if p["phase"] in PHASES else 0)
     earliest = min(map(key, positions))
     behind = [p for p in positions if key(p) == earliest]
     silent = sorted(set(range(world_size)) - {p["rank"] for p in positions})
-    where = "; ".join(f"rank {p['rank']} ({p['host']}) in {p['phase']} at optimizer step {p['step'] + 1}, "
-                      f"micro-batch {p['micro_batch']}" for p in behind)
+    where = "; ".join(
+        f"rank {p['rank']} ({p['host']}) in {p['phase']} at optimizer step {p['step'] + 1}, micro-batch {p['micro_batch']}" for p in behind
+    )
     others = "" if len(behind) == len(positions) else f"; the other ranks wait for it (stacks in {folder}/rank*.txt)"
     culprit_files = ", ".join(str(folder / f"rank{p['rank']}.txt") for p in behind)
     unheard = f"; no stacks from rank(s) {silent} (dead, or on a node without this output_dir)" if silent else ""
-    return (f"no progress for {timeout_s:g} s (hang_timeout_s): {where}{others}{unheard}. "
-            f"Read {culprit_files} for where it is stuck.")
+    return f"no progress for {timeout_s:g} s (hang_timeout_s): {where}{others}{unheard}. Read {culprit_files} for where it is stuck."

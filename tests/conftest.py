@@ -9,32 +9,53 @@ import pytest
 
 # What `bash tests/run.sh --fast` leaves out (marked `slow`): whole modules of many real processes, tests
 # that share a multi-process fixture, and single tests of several CLI runs (over ~3 s each on 2 idle cores).
-SLOW_MODULES = {"test_slurm", "test_restart", "test_promise_matrix_e2e", "test_samplers", "test_streaming_resume",
-                "test_hf_batches", "test_bench"}
+SLOW_MODULES = {
+    "test_slurm",
+    "test_restart",
+    "test_promise_matrix_e2e",
+    "test_samplers",
+    "test_streaming_resume",
+    "test_hf_batches",
+    "test_bench",
+}
 SLOW_FIXTURES = {"two_process_run", "overfit_runs", "reference@test_checkpoint"}
 SLOW_TESTS = {
     # test_launch: real launches
-    "test_doctor_names_disagreeing_configs_and_a_node_count_mismatch", "test_doctor_names_an_unreachable_main_address",
-    "test_doctor_fails_when_the_smoke_test_times_out", "test_doctor_fails_when_the_process_group_does_not_form",
+    "test_doctor_names_disagreeing_configs_and_a_node_count_mismatch",
+    "test_doctor_names_an_unreachable_main_address",
+    "test_doctor_fails_when_the_smoke_test_times_out",
+    "test_doctor_fails_when_the_process_group_does_not_form",
     "test_sigterm_to_one_rank_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run",
-    "test_a_killed_rank_ends_the_whole_job_naming_it", "test_preemption_side_group_uses_the_collective_timeout",
+    "test_a_killed_rank_ends_the_whole_job_naming_it",
+    "test_preemption_side_group_uses_the_collective_timeout",
     # test_checkpoint
-    "test_resume_on_another_world_size_sees_each_sample_once_per_epoch", "test_full_disk_is_a_clear_error_and_leaves_checkpoints_untouched",
+    "test_resume_on_another_world_size_sees_each_sample_once_per_epoch",
+    "test_full_disk_is_a_clear_error_and_leaves_checkpoints_untouched",
     "test_lifecycle_keep_last_keep_best_auto_and_corrupt_checkpoints",
     # test_core, test_fastdata, test_features
-    "test_two_ranks_match_one_rank_at_the_same_global_batch", "test_gathered_val_loss_is_the_exact_mean",
-    "test_two_ranks_train_bitwise_alike_on_both_paths", "test_auto_batch_size_and_early_stopping_agree_across_ranks",
-    "test_nonfinite_stop_names_step_batch_and_rank", "test_fast_dev_run_with_anomaly_detection_on_two_ranks",
+    "test_two_ranks_match_one_rank_at_the_same_global_batch",
+    "test_gathered_val_loss_is_the_exact_mean",
+    "test_two_ranks_train_bitwise_alike_on_both_paths",
+    "test_auto_batch_size_and_early_stopping_agree_across_ranks",
+    "test_nonfinite_stop_names_step_batch_and_rank",
+    "test_fast_dev_run_with_anomaly_detection_on_two_ranks",
     "test_transformers_model_trains_on_one_and_two_ranks",
     # test_exactness
-    "test_continuing_a_per_sample_dataset_run_is_the_straight_run", "test_a_finished_run_trains_nothing_more",
-    "test_a_changed_lr_on_resume_is_applied_and_said", "test_a_changed_schedule_on_resume_follows_the_new_budget",
-    "test_a_change_the_checkpoint_cannot_take_is_refused_before_training", "test_a_second_run_on_a_busy_output_dir_is_refused",
-    "test_accumulation_equals_the_big_batch_on_uneven_data", "test_an_unused_parameter_on_two_ranks_is_named_or_allowed",
-    "test_a_full_disk_at_the_final_save_is_one_line_and_keeps_the_checkpoints", "test_a_skipped_step_leaves_batchnorm_statistics_untouched",
+    "test_continuing_a_per_sample_dataset_run_is_the_straight_run",
+    "test_a_finished_run_trains_nothing_more",
+    "test_a_changed_lr_on_resume_is_applied_and_said",
+    "test_a_changed_schedule_on_resume_follows_the_new_budget",
+    "test_a_change_the_checkpoint_cannot_take_is_refused_before_training",
+    "test_a_second_run_on_a_busy_output_dir_is_refused",
+    "test_accumulation_equals_the_big_batch_on_uneven_data",
+    "test_an_unused_parameter_on_two_ranks_is_named_or_allowed",
+    "test_a_full_disk_at_the_final_save_is_one_line_and_keeps_the_checkpoints",
+    "test_a_skipped_step_leaves_batchnorm_statistics_untouched",
     # test_streaming, test_watchdog
-    "test_each_streamed_sample_is_trained_on_once_per_epoch", "test_a_schedule_that_needs_the_length_asks_for_max_steps",
-    "test_a_mid_epoch_checkpoint_of_a_stream_is_refused_not_restarted", "test_a_rank_asleep_in_forward_fails_the_job_in_time_naming_it",
+    "test_each_streamed_sample_is_trained_on_once_per_epoch",
+    "test_a_schedule_that_needs_the_length_asks_for_max_steps",
+    "test_a_mid_epoch_checkpoint_of_a_stream_is_refused_not_restarted",
+    "test_a_rank_asleep_in_forward_fails_the_job_in_time_naming_it",
     "test_a_slow_rank_is_named_in_the_records_and_warned_about",
 }
 

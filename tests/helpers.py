@@ -21,9 +21,19 @@ def cli_command(args: list[str], nproc: int = 1, subcommand: str = "train") -> l
     if nproc == 1:
         return [sys.executable, "-m", "dist_train", subcommand, *args]
     return [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG),
-        "--num_processes", str(nproc), "--main_process_port", str(_free_port()),
-        "-m", "dist_train", subcommand, *args,
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_LAUNCH_CONFIG),
+        "--num_processes",
+        str(nproc),
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "dist_train",
+        subcommand,
+        *args,
     ]
 
 
@@ -35,8 +45,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_cli(args: list[str], nproc: int = 1, timeout: float = 300, check: bool = True, env: dict | None = None,
-            subcommand: str = "train") -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], nproc: int = 1, timeout: float = 300, check: bool = True, env: dict | None = None, subcommand: str = "train"
+) -> subprocess.CompletedProcess:
     """Run the CLI to completion; with check=True, a non-zero exit fails the test showing its output."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run(cli_command(args, nproc, subcommand), capture_output=True, text=True, timeout=timeout, env=full_env)
@@ -60,7 +71,8 @@ def load_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 def write_seed_project(folder: Path, num_train: int = 256, num_val: int = 101) -> Path:
     """A user project in the seed's layout: model.py (MyModel), dataset.py, dataloader.py (get_dataloader)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.py").write_text(textwrap.dedent('''
+    (folder / "model.py").write_text(
+        textwrap.dedent("""
         import torch.nn as nn
 
         class MyModel(nn.Module):
@@ -72,8 +84,10 @@ def write_seed_project(folder: Path, num_train: int = 256, num_val: int = 101) -
 
             def forward(self, x):
                 return self.fc2(self.act(self.fc1(x)))
-    '''))
-    (folder / "dataset.py").write_text(textwrap.dedent(f'''
+    """)
+    )
+    (folder / "dataset.py").write_text(
+        textwrap.dedent(f'''
         import torch
         from torch.utils.data import Dataset
 
@@ -99,25 +113,39 @@ def write_seed_project(folder: Path, num_train: int = 256, num_val: int = 101) -
                 return x, (x @ w).argmax(dim=1)
             tx, ty = split({num_train}); vx, vy = split({num_val})
             torch.save({{"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy}}, path)
-    '''))
-    (folder / "dataloader.py").write_text(textwrap.dedent('''
+    ''')
+    )
+    (folder / "dataloader.py").write_text(
+        textwrap.dedent("""
         from torch.utils.data import DataLoader
         from dataset import MyDataset
 
         def get_dataloader(cfg, train):
             dataset = MyDataset(cfg.data_path, train=train)
             return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train, num_workers=cfg.num_workers)
-    '''))
-    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(folder)!r}); import dataset; dataset.make({str(folder / 'data.pt')!r})"], check=True)
+    """)
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import sys; sys.path.insert(0, {str(folder)!r}); import dataset; dataset.make({str(folder / 'data.pt')!r})",
+        ],
+        check=True,
+    )
     return folder
 
 
 def seed_project_args(folder: Path, output_dir: Path, *extra: str) -> list[str]:
     """CLI overrides that train the seed project in `folder` into `output_dir`."""
     return [
-        f"model={folder / 'model.py'}:MyModel", f"data={folder / 'dataloader.py'}:get_dataloader",
-        f"data_args={{data_path: {folder / 'data.pt'}}}", f"output_dir={output_dir}", "progress=false",
-        "resume=never", *extra,
+        f"model={folder / 'model.py'}:MyModel",
+        f"data={folder / 'dataloader.py'}:get_dataloader",
+        f"data_args={{data_path: {folder / 'data.pt'}}}",
+        f"output_dir={output_dir}",
+        "progress=false",
+        "resume=never",
+        *extra,
     ]
 
 

@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_restart import _args, _finish, _launch, _rank_pid, _wait_for_step  # noqa: E402
+from test_restart import _args, _finish, _launch, _rank_pid, _wait_for_step
 
-from helpers import SLOW_MODEL, load_weights, write_seed_project  # noqa: E402
+from helpers import SLOW_MODEL, load_weights, write_seed_project
 
 
 def main() -> int:
@@ -41,8 +41,14 @@ def main() -> int:
     root = Path(options.keep or tempfile.mkdtemp(prefix="restart-trials-"))
     project = write_seed_project(root / "project", num_train=256, num_val=32)
     (project / "slow_model.py").write_text(SLOW_MODEL)
-    args = lambda out: _args(project, out, "checkpoint_every=4", f"num_workers={options.num_workers}",  # noqa: E731
-                             f"model={project / 'slow_model.py'}:SlowModel", "model_args.delay_s=0.05")
+    args = lambda out: _args(
+        project,
+        out,
+        "checkpoint_every=4",
+        f"num_workers={options.num_workers}",
+        f"model={project / 'slow_model.py'}:SlowModel",
+        "model_args.delay_s=0.05",
+    )
     reference = _launch(args(root / "reference"), max_restarts=0)
     output = _finish(reference, options.timeout_s)
     if reference.returncode != 0:
@@ -72,14 +78,19 @@ def main() -> int:
         resumed = re.findall(r"resumed from \S+ at optimizer step (\d+)", output)
         restarts = output.count("dist_train: restart ")
         results.append((verdict.startswith("ok"), after_kill, total))
-        print(f"trial {trial:2d}: killed rank {rank}, {restarts} restart(s), resumed at step {','.join(resumed) or '-'}, "
-              f"exit after {after_kill:5.1f} s (run {total:5.1f} s): {verdict}", flush=True)
+        print(
+            f"trial {trial:2d}: killed rank {rank}, {restarts} restart(s), resumed at step {','.join(resumed) or '-'}, "
+            f"exit after {after_kill:5.1f} s (run {total:5.1f} s): {verdict}",
+            flush=True,
+        )
         if not verdict.startswith("ok"):
             (root / f"trial{trial:02d}.log").write_text(output)
     passed = sum(ok for ok, _, _ in results)
     after = [a for _, a, _ in results]
-    print(f"{passed}/{len(results)} passed; kill -> exit {min(after):.1f}/{statistics.median(after):.1f}/{max(after):.1f} s "
-          f"(min/median/max); whole runs {statistics.median(t for _, _, t in results):.1f} s median")
+    print(
+        f"{passed}/{len(results)} passed; kill -> exit {min(after):.1f}/{statistics.median(after):.1f}/{max(after):.1f} s "
+        f"(min/median/max); whole runs {statistics.median(t for _, _, t in results):.1f} s median"
+    )
     if not options.keep:
         shutil.rmtree(root, ignore_errors=True)
     return 0 if passed == len(results) else 1

@@ -55,7 +55,8 @@ def test_model_factory_must_return_a_module(capsys, project, tmp_path):
 
 def test_loader_must_yield_inputs_and_targets(capsys, project, tmp_path):
     data = tmp_path / "bad_data.py"
-    data.write_text(textwrap.dedent('''
+    data.write_text(
+        textwrap.dedent("""
         import torch
         from torch.utils.data import DataLoader
 
@@ -67,7 +68,8 @@ def test_loader_must_yield_inputs_and_targets(capsys, project, tmp_path):
 
         def empty(cfg, train):
             return DataLoader([], batch_size=4)
-    '''))
+    """)
+    )
     err = _run(capsys, *_args(project, tmp_path, f"data={data}:get_dataloader"))
     assert "yielded a Tensor; each batch must be (inputs, targets)" in err
     err = _run(capsys, *_args(project, tmp_path, f"data={data}:not_a_loader"))

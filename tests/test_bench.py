@@ -94,8 +94,14 @@ def test_gpu_mode_without_a_gpu_says_so(tmp_path):
 def test_async_checkpoint_benchmark_runs(tmp_path):
     """The stall benchmark (bench/RESULTS.md) end to end on a small model; no timing is asserted."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "bench.async_checkpoint", "--mib", "4", "--saves", "2", "--steps", "4",
-                             "--dir", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.async_checkpoint", "--mib", "4", "--saves", "2", "--steps", "4", "--dir", str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "async_checkpoint, stall per checkpoint" in result.stdout and "hang watchdog: median step" in result.stdout
 
@@ -103,7 +109,13 @@ def test_async_checkpoint_benchmark_runs(tmp_path):
 def test_streaming_benchmark_runs():
     """dist_train against the hand-written loop over the same IterableDataset (bench/RESULTS.md); no timing asserted."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", "bench.streaming", "--steps", "6", "--window", "2", "--pairs", "1", "--stateful"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.streaming", "--steps", "6", "--window", "2", "--pairs", "1", "--stateful"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "throughput dist_train / seed:" in result.stdout and "stream position: state_dict copy" in result.stdout

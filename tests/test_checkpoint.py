@@ -21,25 +21,37 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import cli_command, load_weights, read_metrics, run_cli, seed_project_args, val_records, write_seed_project
-
 from dist_train import UserError, load_config, train
 from dist_train.manifest import MANIFEST, read_manifest, verify, write_manifest
+from helpers import cli_command, load_weights, read_metrics, run_cli, seed_project_args, val_records, write_seed_project
 
 # 1 process: 8 steps/epoch; 2 processes: 4 steps/epoch (batch 8 per process, 2 micro-batches per step).
-EXACT = ("epochs=2", "batch_size=8", "grad_accum_steps=2", "checkpoint_every=3", "lr_schedule=linear", "warmup_steps=2", "seed=5",
-         "log_every=2")
+EXACT = (
+    "epochs=2",
+    "batch_size=8",
+    "grad_accum_steps=2",
+    "checkpoint_every=3",
+    "lr_schedule=linear",
+    "warmup_steps=2",
+    "seed=5",
+    "log_every=2",
+)
 KILL_AT_FORWARD = {1: 21, 2: 14}  # rank 0's 21st / 14th training forward: inside step 11 / 7; last save 9 / 6
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     folder = write_seed_project(tmp_path_factory.mktemp("ckpt_seed"), num_train=128, num_val=40)
-    (folder / "dataset.py").write_text((folder / "dataset.py").read_text().replace(
-        "return self.x[index], self.y[index]",
-        "return torch.cat([self.x[index], torch.tensor([float(index)])]), self.y[index]  # last column: the id",
-    ))
-    (folder / "model.py").write_text(textwrap.dedent('''
+    (folder / "dataset.py").write_text(
+        (folder / "dataset.py")
+        .read_text()
+        .replace(
+            "return self.x[index], self.y[index]",
+            "return torch.cat([self.x[index], torch.tensor([float(index)])]), self.y[index]  # last column: the id",
+        )
+    )
+    (folder / "model.py").write_text(
+        textwrap.dedent('''
         import os, signal
         import torch.nn as nn
 
@@ -64,7 +76,8 @@ def project(tmp_path_factory) -> Path:
                     if rank == "0" and self.forwards == int(os.environ.get("KILL_AT_FORWARD", "0")):
                         os.kill(os.getpid(), signal.SIGKILL)
                 return self.fc2(self.drop(self.act(self.fc1(x[:, :-1]))))
-    '''))
+    ''')
+    )
     return folder
 
 
@@ -119,7 +132,9 @@ def test_sigkill_then_resume_is_bitwise_identical(project, reference, tmp_path, 
 
 
 def _read_ids(ids_dir: Path) -> dict[int, list[int]]:
-    return {int(p.stem[4:]): [int(i) for line in p.read_text().split("\n") if line for i in line.split()] for p in ids_dir.glob("rank*.txt")}
+    return {
+        int(p.stem[4:]): [int(i) for line in p.read_text().split("\n") if line for i in line.split()] for p in ids_dir.glob("rank*.txt")
+    }
 
 
 def _epoch_ids(first: dict, second: dict, first_epoch_rest: int, world_sizes: tuple[int, int]) -> list[list[int]]:
@@ -181,8 +196,9 @@ def test_kill_during_an_asynchronous_write_keeps_the_previous_checkpoint(project
     out, marker = tmp_path / "run", tmp_path / "paused"
     spec = f"12:{marker}" if phase == "manifest" else f"12:{phase}:{marker}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DIST_TRAIN_TEST_PAUSE_IN_SAVE": spec}
-    proc = subprocess.Popen(cli_command(_args(project, out, *EXACT, "async_checkpoint=true")), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cli_command(_args(project, out, *EXACT, "async_checkpoint=true")), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 120
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -237,9 +253,16 @@ def test_full_disk_is_a_clear_error_and_leaves_checkpoints_untouched(project, tm
     run_cli(_args(project, out, "epochs=1", "batch_size=16"))
     before = {p.name: verify(p)["files"] for p in (out / "checkpoints").glob("step_*")}
     # RLIMIT_FSIZE makes every write past 8 kB fail (EFBIG) as a full disk would; optimizer.bin is ~10 kB.
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))  # noqa: E731
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cli_command(_args(project, out, "epochs=2", "batch_size=16")), env=env, capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    result = subprocess.run(
+        cli_command(_args(project, out, "epochs=2", "batch_size=16")),
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "cannot write a checkpoint" in result.stderr and "existing checkpoints are untouched" in result.stderr
     after = {p.name: verify(p)["files"] for p in (out / "checkpoints").glob("step_*")}
@@ -257,8 +280,15 @@ def test_lifecycle_keep_last_keep_best_auto_and_corrupt_checkpoints(project, tmp
     kept = sorted(read_manifest(p)["step"] for p in (out / "checkpoints").glob("step_*"))
     assert kept == sorted({best_step, 12, 16}) and best_step < 12
     manifest = verify(out / "checkpoints" / "step_00000016")
-    assert manifest["epoch"] == 4 and manifest["samples_consumed"] == 0 and manifest["world_size"] == 1 and manifest["versions"]["torch"] == torch.__version__
-    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl", "config.yaml"} <= manifest["files"].keys()
+    assert (
+        manifest["epoch"] == 4
+        and manifest["samples_consumed"] == 0
+        and manifest["world_size"] == 1
+        and manifest["versions"]["torch"] == torch.__version__
+    )
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl", "config.yaml"} <= manifest[
+        "files"
+    ].keys()
     final = load_weights(out)
 
     again = run_cli([*args, "epochs=4"])  # auto on a finished run: resumes at its last step, trains nothing
@@ -358,7 +388,7 @@ def test_manifest_pieces_catch_a_flipped_byte_anywhere(tmp_path, monkeypatch):
     written = write_manifest(tmp_path, {"step": 1})
     entry = written["files"]["weights.bin"]
     assert entry["sha256"] == hashlib.sha256(data).hexdigest()
-    assert entry["pieces"] == [hashlib.sha256(data[i:i + 1000]).hexdigest() for i in range(0, 3500, 1000)]
+    assert entry["pieces"] == [hashlib.sha256(data[i : i + 1000]).hexdigest() for i in range(0, 3500, 1000)]
     verify(tmp_path)
     for offset in (0, 999, 1000, 3499):  # first, last byte of a piece, and of the file
         flipped = bytearray(data)

@@ -134,7 +134,9 @@ def test_readme_config_reference_is_the_config():
     ],
 )
 def test_keys_from_other_trainers_and_typos_get_our_name(key, suggested):
-    with pytest.raises(UserError, match=f"^Unknown config key {re.escape(repr(key))}. Did you mean {re.escape(suggested)}\\? Run `dist-train train --help`"):
+    with pytest.raises(
+        UserError, match=f"^Unknown config key {re.escape(repr(key))}. Did you mean {re.escape(suggested)}\\? Run `dist-train train --help`"
+    ):
         load_config(None, [f"{key}=1"])
 
 
@@ -170,8 +172,10 @@ def test_missing_tracker_packages_are_named_with_the_extra(monkeypatch):
         monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
     with pytest.raises(UserError) as info:
         check_trackers_installed(["tensorboard", "wandb"])  # wandb is not installed here
-    assert str(info.value) == ("log_with: 'wandb' needs the wandb package, which is not installed; "
-                               "run pip install 'dist-train[wandb]', or remove wandb from log_with.")
+    assert str(info.value) == (
+        "log_with: 'wandb' needs the wandb package, which is not installed; "
+        "run pip install 'dist-train[wandb]', or remove wandb from log_with."
+    )
     monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)  # as Accelerate sees it
     with pytest.raises(UserError, match=r"'tensorboard' needs the tensorboard package.*dist-train\[tensorboard\]"):
         check_trackers_installed(["tensorboard"])

@@ -123,8 +123,18 @@ def test_per_token_loss_is_averaged_per_sample_exactly(tmp_path, nproc):
     """10 validation sequences of 3 tokens, batch 4: every sample counted once, each its tokens' mean."""
     (tmp_path / "seq.py").write_text(SEQUENCE_PROJECT)
     out = tmp_path / "run"
-    run_cli([f"model={tmp_path / 'seq.py'}:TokenTagger", f"data={tmp_path / 'seq.py'}:get_dataset", "epochs=1",
-             "batch_size=4", f"output_dir={out}", "progress=false", "resume=never"], nproc=nproc)
+    run_cli(
+        [
+            f"model={tmp_path / 'seq.py'}:TokenTagger",
+            f"data={tmp_path / 'seq.py'}:get_dataset",
+            "epochs=1",
+            "batch_size=4",
+            f"output_dir={out}",
+            "progress=false",
+            "resume=never",
+        ],
+        nproc=nproc,
+    )
     final = val_records(out)[-1]
     assert final["val_samples"] == 10
     module = import_file(tmp_path / "seq.py", "seq_ref")

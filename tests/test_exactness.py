@@ -84,7 +84,7 @@ def test_a_finished_run_trains_nothing_more(project, tmp_path):
 
 # ---- 2. a changed key on resume ---------------------------------------------------------------------
 def test_a_changed_lr_on_resume_is_applied_and_said(project, tmp_path):
-    args = lambda *extra: _auto(seed_project_args(project, tmp_path / "run", "batch_size=16", "log_every=1", *extra))  # noqa: E731
+    args = lambda *extra: _auto(seed_project_args(project, tmp_path / "run", "batch_size=16", "log_every=1", *extra))
     run_cli(args("epochs=1", "lr=0.001"))
     resumed = run_cli(args("epochs=2", "lr=0.05"))
     assert "resume: lr: 0.001 -> 0.05 (applied from optimizer step 6 on)" in resumed.stdout
@@ -95,7 +95,7 @@ def test_a_changed_lr_on_resume_is_applied_and_said(project, tmp_path):
 
 def test_a_changed_schedule_on_resume_follows_the_new_budget(project, tmp_path):
     """linear decay over 5 steps, continued to 10: the rate is the new schedule's at every step."""
-    args = lambda *extra: _auto(seed_project_args(project, tmp_path / "run", "batch_size=16", "log_every=1", "lr=0.1", *extra))  # noqa: E731
+    args = lambda *extra: _auto(seed_project_args(project, tmp_path / "run", "batch_size=16", "log_every=1", "lr=0.1", *extra))
     run_cli(args("epochs=1"))
     run_cli(args("epochs=2", "lr_schedule=linear"))
     lrs = {r["step"]: r["lr"] for r in _train_steps(tmp_path / "run")}
@@ -103,7 +103,7 @@ def test_a_changed_schedule_on_resume_follows_the_new_budget(project, tmp_path):
 
 
 def test_a_change_the_checkpoint_cannot_take_is_refused_before_training(project, tmp_path):
-    args = lambda *extra: _auto(seed_project_args(project, tmp_path / "run", "batch_size=16", *extra))  # noqa: E731
+    args = lambda *extra: _auto(seed_project_args(project, tmp_path / "run", "batch_size=16", *extra))
     run_cli(args("epochs=1"))
     config_before = (tmp_path / "run" / "config.yaml").read_text()
     metrics_before = (tmp_path / "run" / "metrics.jsonl").read_text()
@@ -117,7 +117,8 @@ def test_a_change_the_checkpoint_cannot_take_is_refused_before_training(project,
 
 # ---- 3. one run per output_dir ----------------------------------------------------------------------
 def test_a_second_run_on_a_busy_output_dir_is_refused(project, tmp_path):
-    (project / "slow_model.py").write_text(textwrap.dedent('''
+    (project / "slow_model.py").write_text(
+        textwrap.dedent("""
         import time
         from model import MyModel
 
@@ -125,12 +126,14 @@ def test_a_second_run_on_a_busy_output_dir_is_refused(project, tmp_path):
             def forward(self, x):
                 time.sleep(0.05)
                 return super().forward(x)
-    '''))
+    """)
+    )
     out = tmp_path / "run"
     args = _auto(seed_project_args(project, out, "epochs=20", "batch_size=16"))
     slow = [a if not a.startswith("model=") else f"model={project / 'slow_model.py'}:SlowModel" for a in args]
-    first = subprocess.Popen(cli_command(slow), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = subprocess.Popen(
+        cli_command(slow), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     try:
         deadline = time.monotonic() + 120
         while not (out / "checkpoints").is_dir():
@@ -152,10 +155,16 @@ def test_a_second_run_on_a_busy_output_dir_is_refused(project, tmp_path):
 def test_accumulation_equals_the_big_batch_on_uneven_data(project, tmp_path, drop_last):
     """80 samples: 4 x 8 ≡ 1 x 32 (the last step padded, or dropped, to 32 samples on both sides)."""
     if drop_last:
-        (project / "drop_loader.py").write_text((project / "dataloader.py").read_text().replace("num_workers=cfg.num_workers", "num_workers=cfg.num_workers, drop_last=train"))
+        (project / "drop_loader.py").write_text(
+            (project / "dataloader.py").read_text().replace("num_workers=cfg.num_workers", "num_workers=cfg.num_workers, drop_last=train")
+        )
     loader = [f"data={project / ('drop_loader.py' if drop_last else 'dataloader.py')}:get_dataloader"]
     common = ("epochs=3", "optimizer=sgd", "lr=0.5", "seed=1")
-    accum = [a for a in seed_project_args(project, tmp_path / "accum", "batch_size=8", "grad_accum_steps=4", *common) if not a.startswith("data=")]
+    accum = [
+        a
+        for a in seed_project_args(project, tmp_path / "accum", "batch_size=8", "grad_accum_steps=4", *common)
+        if not a.startswith("data=")
+    ]
     big = [a for a in seed_project_args(project, tmp_path / "big", "batch_size=32", *common) if not a.startswith("data=")]
     run_cli([*accum, *loader])
     run_cli([*big, *loader])
@@ -165,7 +174,7 @@ def test_accumulation_equals_the_big_batch_on_uneven_data(project, tmp_path, dro
 
 
 # ---- 5. a skipped step leaves the buffers as they were ----------------------------------------------
-BATCHNORM_PROJECT = '''
+BATCHNORM_PROJECT = """
 import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
@@ -186,13 +195,21 @@ def get_dataset(cfg, train):
     if train and cfg.poison:
         x[5] = float("nan")  # one bad sample: its batch's forward puts NaN into BatchNorm's running stats
     return TensorDataset(x, (x[:, 0] > 0).long())
-'''
+"""
 
 
 def test_a_skipped_step_leaves_batchnorm_statistics_untouched(tmp_path):
     (tmp_path / "bn.py").write_text(BATCHNORM_PROJECT)
-    common = [f"model={tmp_path / 'bn.py'}:BNModel", f"data={tmp_path / 'bn.py'}:get_dataset", "batch_size=8",
-              "epochs=2", "on_nonfinite=skip", "progress=false", "resume=never", "log_every=1"]
+    common = [
+        f"model={tmp_path / 'bn.py'}:BNModel",
+        f"data={tmp_path / 'bn.py'}:get_dataset",
+        "batch_size=8",
+        "epochs=2",
+        "on_nonfinite=skip",
+        "progress=false",
+        "resume=never",
+        "log_every=1",
+    ]
     run_cli([*common, f"output_dir={tmp_path / 'run'}", "data_args={poison: true}"])
     weights = load_weights(tmp_path / "run")
     assert torch.isfinite(weights["bn.running_mean"]).all() and torch.isfinite(weights["bn.running_var"]).all()
@@ -204,7 +221,7 @@ def test_a_skipped_step_leaves_batchnorm_statistics_untouched(tmp_path):
 
 
 # ---- 7. smaller ones -------------------------------------------------------------------------------------
-UNUSED_PROJECT = '''
+UNUSED_PROJECT = """
 import torch.nn as nn
 from model import MyModel
 
@@ -212,12 +229,12 @@ class WithUnused(MyModel):
     def __init__(self):
         super().__init__()
         self.spare = nn.Linear(3, 3)  # never called in forward
-'''
+"""
 
 
 def test_an_unused_parameter_on_two_ranks_is_named_or_allowed(project, tmp_path):
     (project / "unused.py").write_text(UNUSED_PROJECT)
-    args = lambda out, *extra: [  # noqa: E731
+    args = lambda out, *extra: [
         a if not a.startswith("model=") else f"model={project / 'unused.py'}:WithUnused"
         for a in seed_project_args(project, out, "epochs=1", "batch_size=8", *extra)
     ]
@@ -245,9 +262,10 @@ def test_a_full_disk_at_the_final_save_is_one_line_and_keeps_the_checkpoints(pro
     final = tmp_path / "run" / "model.safetensors"
     before = final.read_bytes()
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))  # noqa: E731
-    result = subprocess.run(cli_command(args), capture_output=True, text=True, preexec_fn=limit, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))
+    result = subprocess.run(
+        cli_command(args), capture_output=True, text=True, preexec_fn=limit, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("dist-train: error: cannot write the final weights to") and "existing checkpoints are untouched" in line
@@ -257,7 +275,8 @@ def test_a_full_disk_at_the_final_save_is_one_line_and_keeps_the_checkpoints(pro
 
 def test_a_run_stopped_by_sigterm_exits_143_after_saving(project, tmp_path):
     """Not finished, so not 0: a caller chaining `&& dist-train export` must not take it for a finished run."""
-    (project / "term_model.py").write_text(textwrap.dedent('''
+    (project / "term_model.py").write_text(
+        textwrap.dedent("""
         import os, signal
         from model import MyModel
 
@@ -270,9 +289,12 @@ def test_a_run_stopped_by_sigterm_exits_143_after_saving(project, tmp_path):
                     if TermModel.forwards == 7:
                         os.kill(os.getpid(), signal.SIGTERM)
                 return super().forward(x)
-    '''))
-    args = [a if not a.startswith("model=") else f"model={project / 'term_model.py'}:TermModel"
-            for a in seed_project_args(project, tmp_path / "run", "epochs=2", "batch_size=16")]
+    """)
+    )
+    args = [
+        a if not a.startswith("model=") else f"model={project / 'term_model.py'}:TermModel"
+        for a in seed_project_args(project, tmp_path / "run", "epochs=2", "batch_size=16")
+    ]
     result = run_cli(args, check=False)
     assert result.returncode == 143, result.stderr[-3000:]
     assert "stopped by SIGTERM after saving a checkpoint" in result.stdout
@@ -288,6 +310,8 @@ def test_only_a_failed_write_is_reported_as_a_disk_problem():
     from dist_train.checkpoint import _is_write_failure
 
     assert _is_write_failure(OSError(28, "No space left on device"))
-    assert _is_write_failure(RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: file write failed"))
+    assert _is_write_failure(
+        RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0: file write failed")
+    )
     assert not _is_write_failure(DistBackendError("[gloo] Timed out waiting 600000ms for recv operation to complete"))
     assert not _is_write_failure(RuntimeError("an unrelated bug"))

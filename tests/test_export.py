@@ -18,11 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import load_weights, run_cli
-
 from dist_train import UserError, load_model
 from dist_train.cli import main
 from dist_train.export import export
+from helpers import load_weights, run_cli
 
 TIED_PROJECT = textwrap.dedent('''
     import torch
@@ -55,8 +54,19 @@ def tied(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tied")
     (folder / "tied.py").write_text(TIED_PROJECT)
     with contextlib.chdir(folder):  # relative import strings and output_dir, as written by hand
-        run_cli(["model=tied.py:TiedLM", "data=tied.py:get_dataset", "epochs=2", "batch_size=4", "checkpoint_every=5",
-                 "checkpoint_epochs=false", "output_dir=run", "progress=false", "resume=never"])
+        run_cli(
+            [
+                "model=tied.py:TiedLM",
+                "data=tied.py:get_dataset",
+                "epochs=2",
+                "batch_size=4",
+                "checkpoint_every=5",
+                "checkpoint_epochs=false",
+                "output_dir=run",
+                "progress=false",
+                "resume=never",
+            ]
+        )
     return folder
 
 

@@ -7,12 +7,10 @@ import textwrap
 import pytest
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader, TensorDataset
+from accelerate.data_loader import BatchSamplerShard
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 
 from dist_train.config import load_config
-from accelerate.data_loader import BatchSamplerShard
-from torch.utils.data import BatchSampler, RandomSampler, SubsetRandomSampler, WeightedRandomSampler
-
 from dist_train.data import EpochSampler, _with_epoch_sampler, epoch_sampler
 from dist_train.fastdata import EpochBatchSampler, TensorBatches, can_use_fast_path
 from helpers import load_weights, run_cli, seed_project_args, write_seed_project
@@ -61,11 +59,15 @@ def test_same_batches_as_the_regular_path_across_epochs_and_a_mid_epoch_start(tm
             assert torch.equal(fx, rx) and torch.equal(fy, ry) and fx.dtype == rx.dtype
 
 
-@pytest.mark.parametrize("loader_args", [
-    lambda d: {"batch_size": 8, "sampler": WeightedRandomSampler(torch.linspace(0.1, 1, len(d)), num_samples=150)},
-    lambda d: {"batch_size": 8, "sampler": SubsetRandomSampler(range(0, len(d), 4))},
-    lambda d: {"batch_sampler": BatchSampler(RandomSampler(d, replacement=True), 7, drop_last=False)},
-], ids=["weighted", "subset", "batch_sampler"])
+@pytest.mark.parametrize(
+    "loader_args",
+    [
+        lambda d: {"batch_size": 8, "sampler": WeightedRandomSampler(torch.linspace(0.1, 1, len(d)), num_samples=150)},
+        lambda d: {"batch_size": 8, "sampler": SubsetRandomSampler(range(0, len(d), 4))},
+        lambda d: {"batch_sampler": BatchSampler(RandomSampler(d, replacement=True), 7, drop_last=False)},
+    ],
+    ids=["weighted", "subset", "batch_sampler"],
+)
 def test_a_users_sampler_gives_the_same_batches_on_both_paths(tmp_path, loader_args):
     """The user's own sampler (or batch_sampler) drawn per epoch: the fast path cuts the very same batches."""
     x, y = _tensors()
@@ -100,7 +102,8 @@ def test_accelerate_shards_the_same_indices_to_each_rank(samples_consumed):
 def project(tmp_path_factory):
     folder = write_seed_project(tmp_path_factory.mktemp("seed"), num_train=200, num_val=37)
     # The same data as the seed project's per-sample Dataset, handed over as a TensorDataset.
-    (folder / "tensor_loader.py").write_text(textwrap.dedent('''
+    (folder / "tensor_loader.py").write_text(
+        textwrap.dedent("""
         import torch
         from torch.utils.data import DataLoader, TensorDataset
 
@@ -109,7 +112,8 @@ def project(tmp_path_factory):
             split = "train" if train else "val"
             dataset = TensorDataset(data[split + "_x"], data[split + "_y"])
             return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=train)
-    '''))
+    """)
+    )
     return folder
 
 

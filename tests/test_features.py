@@ -43,7 +43,7 @@ NUM_TRAIN, NUM_VAL = 64, 40
 
 # A model with switches for the tests: an out-of-memory limit per rank, a NaN on one rank's n-th training
 # forward, and checks that the forward runs under the autocast dtype / anomaly mode the config asked for.
-PROBE_MODEL = '''
+PROBE_MODEL = """
 import os
 import torch
 import torch.nn as nn
@@ -72,7 +72,7 @@ class ProbeModel(nn.Module):
             if self.rank == self.nan_rank and self.calls == self.nan_call:
                 hidden = hidden * float("nan")
         return self.fc2(self.extra(self.act(hidden))).float()
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +110,18 @@ def log_records(out: Path) -> list[dict]:
 # ---- R, A, T: accumulation, clipping, schedule, max_steps, eval_every, logging, trackers, profiler, plot ----
 
 # 64 samples / global batch 16 = 4 steps per epoch; max_steps=6 runs into a second epoch (overriding epochs=1).
-COMMON = ("epochs=1", "max_steps=6", "optimizer=sgd", "lr=0.5", "momentum=0.9", "max_grad_norm=0.5",
-          "lr_schedule=cosine", "warmup_steps=2", "eval_every=3", "seed=5")
+COMMON = (
+    "epochs=1",
+    "max_steps=6",
+    "optimizer=sgd",
+    "lr=0.5",
+    "momentum=0.9",
+    "max_grad_norm=0.5",
+    "lr_schedule=cosine",
+    "warmup_steps=2",
+    "eval_every=3",
+    "seed=5",
+)
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +176,20 @@ def test_one_clipped_step_matches_a_hand_computation(project, tmp_path):
 def two_process_run(project, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """2 ranks x batch 4 x accum 2 (global batch 16), with tensorboard, the profiler and a progress bar asked for."""
     out = tmp_path_factory.mktemp("runs") / "two"
-    result = run_cli(seed_project_args(project, out, "batch_size=4", "grad_accum_steps=2", "log_every=2", "log_with=tensorboard",
-                                       "profile_steps=[1, 3]", "progress=true", *COMMON), nproc=2)
+    result = run_cli(
+        seed_project_args(
+            project,
+            out,
+            "batch_size=4",
+            "grad_accum_steps=2",
+            "log_every=2",
+            "log_with=tensorboard",
+            "profile_steps=[1, 3]",
+            "progress=true",
+            *COMMON,
+        ),
+        nproc=2,
+    )
     return out, result
 
 
@@ -212,8 +234,18 @@ def test_plot_command(reference, capsys):
 def test_linear_and_constant_schedules_and_one_process_trackers(project, tmp_path):
     for schedule, warmup in (("linear", 3), ("constant", 2)):
         out = tmp_path / schedule
-        train_here(project, out, "batch_size=16", "max_steps=7", "lr=0.01", f"lr_schedule={schedule}", f"warmup_steps={warmup}", "log_every=1",
-                   "log_with=tensorboard", "profile_steps=[0, 2]")
+        train_here(
+            project,
+            out,
+            "batch_size=16",
+            "max_steps=7",
+            "lr=0.01",
+            f"lr_schedule={schedule}",
+            f"warmup_steps={warmup}",
+            "log_every=1",
+            "log_with=tensorboard",
+            "profile_steps=[0, 2]",
+        )
         lrs = [r["lr"] for r in log_records(out)]
         assert lrs == pytest.approx([expected_lr(s, 0.01, schedule, warmup, 7) for s in range(1, 8)], rel=1e-9, abs=1e-15)
         assert list(out.rglob("events.out.tfevents.*"))
@@ -223,8 +255,18 @@ def test_linear_and_constant_schedules_and_one_process_trackers(project, tmp_pat
 # ---- auto_batch_size + early stopping: 2 ranks with different memory limits, and 1 rank ----
 
 # lr > 0 makes val_loss fall; monitor_mode: max then sees no improvement, so patience 2 stops the run early.
-STOPPING = ("optimizer=sgd", "lr=0.2", "epochs=3", "eval_every=1", "early_stopping_patience=2", "monitor_mode=max",
-            "auto_batch_size=true", "batch_size=16", "log_every=1", "seed=2")
+STOPPING = (
+    "optimizer=sgd",
+    "lr=0.2",
+    "epochs=3",
+    "eval_every=1",
+    "early_stopping_patience=2",
+    "monitor_mode=max",
+    "auto_batch_size=true",
+    "batch_size=16",
+    "log_every=1",
+    "seed=2",
+)
 
 
 def _expected_stop_step(values: list[float], patience: int) -> int:
@@ -259,7 +301,15 @@ def test_auto_batch_size_and_early_stopping_agree_across_ranks(project, tmp_path
 def test_auto_batch_size_probe_leaves_no_trace(project, tmp_path):
     """When the configured size fits, the probe step changes nothing (weights, BatchNorm statistics, dropout RNG)."""
     for name, auto in (("plain", "false"), ("auto", "true")):
-        train_here(project, tmp_path / name, *probe_model(project, stateful=True), "batch_size=16", "log_every=1", f"auto_batch_size={auto}", *COMMON)
+        train_here(
+            project,
+            tmp_path / name,
+            *probe_model(project, stateful=True),
+            "batch_size=16",
+            "log_every=1",
+            f"auto_batch_size={auto}",
+            *COMMON,
+        )
     assert_same_weights(tmp_path / "plain", tmp_path / "auto")  # the saved state dict includes BatchNorm's running stats
     assert [r["train_loss"] for r in log_records(tmp_path / "auto")] == [r["train_loss"] for r in log_records(tmp_path / "plain")]
 
@@ -275,6 +325,7 @@ def test_auto_batch_size_needs_a_loader_built_with_cfg_batch_size(project, tmp_p
 
 
 # ---- non-finite losses ----
+
 
 def test_nonfinite_stop_names_step_batch_and_rank(project, tmp_path):
     out = tmp_path / "nan"
@@ -325,10 +376,22 @@ def test_nonfinite_skip_drops_the_update_and_counts_it(overfit_runs, nproc):
 
 # ---- fast_dev_run, detect_anomaly, the progress bar ----
 
+
 def test_fast_dev_run_with_anomaly_detection_on_two_ranks(project, tmp_path):
     out = tmp_path / "dev"
-    result = run_cli(seed_project_args(project, out, *probe_model(project, expect_anomaly=True), "fast_dev_run=2", "detect_anomaly=true",
-                                       "batch_size=4", "log_every=1", "checkpoint_every=1"), nproc=2)
+    result = run_cli(
+        seed_project_args(
+            project,
+            out,
+            *probe_model(project, expect_anomaly=True),
+            "fast_dev_run=2",
+            "detect_anomaly=true",
+            "batch_size=4",
+            "log_every=1",
+            "checkpoint_every=1",
+        ),
+        nproc=2,
+    )
     assert result.returncode == 0
     assert [r["step"] for r in log_records(out)] == [1, 2]
     (val,) = val_records(out)
@@ -342,8 +405,9 @@ def test_progress_bar_on_a_terminal(project, tmp_path):
     args = seed_project_args(project, tmp_path / "tty", "fast_dev_run=3", "log_every=1", "progress=true", "warmup_steps=5")
     leader, follower = os.openpty()
     try:
-        result = subprocess.run(cli_command(args), stdout=follower, stderr=subprocess.PIPE, text=True, timeout=120,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        result = subprocess.run(
+            cli_command(args), stdout=follower, stderr=subprocess.PIPE, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
     finally:
         os.close(follower)
         os.close(leader)
@@ -356,6 +420,7 @@ def test_progress_bar_on_a_terminal(project, tmp_path):
 
 # ---- precision, compile, bad input ----
 
+
 def test_fp16_on_cpu_is_a_clear_error(project, tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: fp16 is valid here")
@@ -367,8 +432,16 @@ def test_fp16_on_cpu_is_a_clear_error(project, tmp_path, capsys):
 def test_fp16_overflow_skips_are_logged_on_gpu(project, tmp_path):
     """A NaN forward at micro-batch 3 under fp16: Accelerate's scaler skips that step, and it is counted."""
     out = tmp_path / "fp16"
-    train_here(project, out, *probe_model(project, nan_rank=0, nan_call=3), "mixed_precision=fp16", "batch_size=16",
-               "epochs=1", "log_every=1", "cpu=false")
+    train_here(
+        project,
+        out,
+        *probe_model(project, nan_rank=0, nan_call=3),
+        "mixed_precision=fp16",
+        "batch_size=16",
+        "epochs=1",
+        "log_every=1",
+        "cpu=false",
+    )
     records = log_records(out)
     assert all("overflow_skipped" in r for r in records)
     assert records[-1]["overflow_skipped"] >= 1  # the NaN step (plus any the initial loss scale overflowed)
@@ -435,16 +508,34 @@ def get_dataloader(cfg, train):
     labels = (input_ids < 10).sum(dim=1).gt(2).long()  # token ids (integer inputs): tokens/s is logged
     return TensorDataset(input_ids, labels)
 '''
-TINY_BERT = {"vocab_size": 30, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
-             "max_position_embeddings": 8, "num_labels": 2, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+TINY_BERT = {
+    "vocab_size": 30,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 8,
+    "num_labels": 2,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
 
 
 def test_transformers_model_trains_on_one_and_two_ranks(tmp_path):
     """The built-in losses take `outputs.logits` from a model output object; N ranks ≡ 1 rank holds for it too."""
     pytest.importorskip("transformers")
     (tmp_path / "hf_project.py").write_text(HF_PROJECT)
-    args = [f"model={tmp_path / 'hf_project.py'}:make_model", f"model_args={json.dumps(TINY_BERT)}", f"data={tmp_path / 'hf_project.py'}:get_dataloader",
-            "optimizer=sgd", "lr=0.1", "epochs=2", "log_every=2", "progress=false", "resume=never"]
+    args = [
+        f"model={tmp_path / 'hf_project.py'}:make_model",
+        f"model_args={json.dumps(TINY_BERT)}",
+        f"data={tmp_path / 'hf_project.py'}:get_dataloader",
+        "optimizer=sgd",
+        "lr=0.1",
+        "epochs=2",
+        "log_every=2",
+        "progress=false",
+        "resume=never",
+    ]
     run_cli([*args, f"output_dir={tmp_path / 'two'}", "batch_size=4"], nproc=2)
     train_in_process([*args, f"output_dir={tmp_path / 'one'}", "batch_size=8"])
     assert_same_weights(tmp_path / "one", tmp_path / "two")

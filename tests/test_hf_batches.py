@@ -15,8 +15,17 @@ from helpers import assert_weights_equal, import_file, load_weights, run_cli, va
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
 
-TINY_BERT = {"vocab_size": 16, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
-             "max_position_embeddings": 8, "num_labels": 2, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+TINY_BERT = {
+    "vocab_size": 16,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 8,
+    "num_labels": 2,
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
 WORDS = ["red", "green", "blue", "cat", "dog", "bird", "runs", "sleeps", "eats", "big", "small", "old"]
 
 PROJECT = '''
@@ -64,10 +73,20 @@ def project(tmp_path_factory) -> Path:
 
 def _args(project: Path, out: Path, *extra: str) -> list[str]:
     files = json.loads((project / "files.json").read_text())
-    return [f"model={project / 'hf_project.py'}:make_model", f"model_args={json.dumps(TINY_BERT)}",
-            f"data={project / 'hf_project.py'}:get_dataset", f"data_args={json.dumps({'files': files})}",
-            "optimizer=sgd", "lr=0.2", "epochs=2", "progress=false", "resume=never", "log_every=1",
-            f"output_dir={out}", *extra]
+    return [
+        f"model={project / 'hf_project.py'}:make_model",
+        f"model_args={json.dumps(TINY_BERT)}",
+        f"data={project / 'hf_project.py'}:get_dataset",
+        f"data_args={json.dumps({'files': files})}",
+        "optimizer=sgd",
+        "lr=0.2",
+        "epochs=2",
+        "progress=false",
+        "resume=never",
+        "log_every=1",
+        f"output_dir={out}",
+        *extra,
+    ]
 
 
 def _reference_val_loss(project: Path, out: Path) -> float:

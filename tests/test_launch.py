@@ -22,8 +22,9 @@ import torch
 from helpers import REPO, SLOW_MODEL, cli_command, load_weights, read_metrics, run_cli, seed_project_args, write_seed_project
 
 LAUNCH_CONFIGS = sorted((REPO / "launch_configs").glob("*.yaml"))
-SHELL_SCRIPTS = sorted([*(REPO / "slurm").glob("*.sbatch"), REPO / "tests" / "run.sh", REPO / ".ci" / "run",
-                        *(REPO / "tests" / "slurm_sandbox").glob("*.sh")])
+SHELL_SCRIPTS = sorted(
+    [*(REPO / "slurm").glob("*.sbatch"), REPO / "tests" / "run.sh", REPO / ".ci" / "run", *(REPO / "tests" / "slurm_sandbox").glob("*.sh")]
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,11 @@ def project(tmp_path_factory) -> Path:
 
 
 def _slow_args(project: Path, out: Path, delay_s: float, *extra: str) -> list[str]:
-    return [*seed_project_args(project, out, "batch_size=8", "log_every=1", "optimizer=sgd", "lr=0.05", "momentum=0.9", "seed=2", *extra),
-            f"model={project / 'slow_model.py'}:SlowModel", f"model_args.delay_s={delay_s}"]
+    return [
+        *seed_project_args(project, out, "batch_size=8", "log_every=1", "optimizer=sgd", "lr=0.05", "momentum=0.9", "seed=2", *extra),
+        f"model={project / 'slow_model.py'}:SlowModel",
+        f"model_args.delay_s={delay_s}",
+    ]
 
 
 def _children(pid: int) -> list[int]:
@@ -75,8 +79,9 @@ def _wait_for_training(out: Path, launcher: subprocess.Popen, timeout_s: float =
 
 
 def _launch(args: list[str], nproc: int = 2) -> subprocess.Popen:
-    return subprocess.Popen(cli_command(args, nproc), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return subprocess.Popen(
+        cli_command(args, nproc), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 # ---- launch configs ----------------------------------------------------------------------------
@@ -101,8 +106,19 @@ def test_launch_config_loads_with_accelerates_own_loader(path):
 def test_gpu_launch_configs_train(project, tmp_path, name):
     out = tmp_path / name
     extra = ["mixed_precision=bf16"] if name == "fsdp.yaml" else []
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch_configs" / name),
-               "--num_processes", "1", "-m", "dist_train", "train", *seed_project_args(project, out, "epochs=1", *extra)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "launch_configs" / name),
+        "--num_processes",
+        "1",
+        "-m",
+        "dist_train",
+        "train",
+        *seed_project_args(project, out, "epochs=1", *extra),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert [r for r in read_metrics(out) if "val_loss" in r][-1]["num_processes"] == 1
@@ -122,10 +138,24 @@ def test_doctor_prints_the_launch_and_passes(nproc):
 
 def _start_rank(rank: int, port: int, overrides: list[str], extra_env: dict, timeout_s: float = 30) -> subprocess.Popen:
     """One rank started by hand with the variables every launcher sets (torchrun, srun wrappers)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-           "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", **extra_env}
-    return subprocess.Popen([sys.executable, "-m", "dist_train", "doctor", "--timeout_s", str(timeout_s), *overrides],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": "2",
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": "2",
+        **extra_env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "dist_train", "doctor", "--timeout_s", str(timeout_s), *overrides],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_doctor_names_disagreeing_configs_and_a_node_count_mismatch():
@@ -168,8 +198,16 @@ time.sleep(float(sys.argv[1]))
 
 
 def _rank_env(rank: int, port: int) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-            "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"}
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": "2",
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "LOCAL_WORLD_SIZE": "2",
+    }
 
 
 def test_doctor_fails_when_the_smoke_test_times_out():
@@ -218,8 +256,18 @@ def test_doctor_fails_and_says_so_when_the_all_reduce_sum_is_wrong(monkeypatch, 
 
 
 def _view(rank: int, host: str, gpus: int = 0, uuid: str | None = None, precision: str | None = None) -> dict:
-    return {"host": host, "rank": rank, "local_rank": 0, "local_world_size": 1, "gpus_on_node": gpus, "device": "cpu",
-            "gpu_uuid": uuid, "config_sha": "0" * 12, "launcher_precision": precision, "slurm": {}}
+    return {
+        "host": host,
+        "rank": rank,
+        "local_rank": 0,
+        "local_world_size": 1,
+        "gpus_on_node": gpus,
+        "device": "cpu",
+        "gpu_uuid": uuid,
+        "config_sha": "0" * 12,
+        "launcher_precision": precision,
+        "slurm": {},
+    }
 
 
 def test_doctor_names_process_gpu_mismatches_shared_gpus_and_precision_conflicts():
@@ -246,7 +294,7 @@ def test_doctor_names_process_gpu_mismatches_shared_gpus_and_precision_conflicts
 def test_sigterm_to_one_rank_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(project, tmp_path):
     """TERM reaches rank 1 only: both ranks agree at the next step, save, exit 143 (stopped, not finished);
     the resumed run ≡ uninterrupted."""
-    args = lambda out: _slow_args(project, out, 0.05, "epochs=3", "resume=auto")  # noqa: E731
+    args = lambda out: _slow_args(project, out, 0.05, "epochs=3", "resume=auto")
     reference = _launch(args(tmp_path / "reference"))
     interrupted = _launch(args(tmp_path / "run"))
     _wait_for_training(tmp_path / "run", interrupted)
@@ -279,7 +327,7 @@ def test_a_killed_rank_ends_the_whole_job_naming_it(project, tmp_path):
         job.kill()
         raise AssertionError("the job did not exit within 60 s of losing rank 1") from None
     assert job.returncode != 0
-    root_cause = output[output.index("Root Cause"):]
+    root_cause = output[output.index("Root Cause") :]
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", root_cause) and "SIGKILL" in root_cause, output[-3000:]
 
 
@@ -335,8 +383,12 @@ def test_preemption_side_group_uses_the_collective_timeout():
     from helpers import _free_port
 
     port = _free_port()
-    ranks = [subprocess.Popen([sys.executable, "-c", _SIDE_GROUP_RANK], env=_rank_env(rank, port), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SIDE_GROUP_RANK], env=_rank_env(rank, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for rank in (0, 1)
+    ]
     try:
         out, _ = ranks[0].communicate(timeout=120)
     finally:

@@ -90,7 +90,7 @@ class Setup:
         rounded = math.floor if self.drop_last else math.ceil
         return rounded(self.num_samples / self.step_samples) * self.step_samples
 
-    def on(self, batch_size: int, world_size: int, grad_accum_steps: int) -> "Setup":
+    def on(self, batch_size: int, world_size: int, grad_accum_steps: int) -> Setup:
         return dataclasses.replace(self, batch_size=batch_size, world_size=world_size, grad_accum_steps=grad_accum_steps)
 
     def user_sampler(self):
@@ -103,8 +103,9 @@ class Setup:
 
     def sampler(self, offset: int) -> EpochSampler:
         source = UserOrder(self.user_sampler(), self.seed) if self.source else None
-        sampler = EpochSampler(self.num_samples, self.seed, self.shuffle, self.micro_batch_samples,
-                               self.step_samples, self.drop_last, source=source)
+        sampler = EpochSampler(
+            self.num_samples, self.seed, self.shuffle, self.micro_batch_samples, self.step_samples, self.drop_last, source=source
+        )
         sampler.set_position(self.epoch, offset)
         return sampler
 
@@ -141,10 +142,12 @@ EDGES = [
 
 def with_edges(*more):
     """@example for each edge setup, with `more` for the test's other arguments."""
+
     def decorate(test):
         for edge in EDGES:
             test = example(edge, *more)(test)
         return test
+
     return decorate
 
 
@@ -200,6 +203,7 @@ def within(part: list[int], whole: list[int]) -> bool:
 
 # ---- 1. whole optimizer steps; every index once (plus < one step of padding) or, with drop_last, never twice ----
 
+
 @MATRIX
 @with_edges()
 @given(setups)
@@ -234,6 +238,7 @@ def test_drop_last_that_drops_everything_is_refused_at_build_time(tmp_path):
 
 # ---- 2. N ranks of batch b deal what 1 rank of batch N x b deals ----
 
+
 @MATRIX
 @with_edges(1)
 @given(setups_on(st.integers(2, 3)), st.integers(0, 2**16))
@@ -253,6 +258,7 @@ def test_n_ranks_deal_what_one_rank_deals_at_the_same_global_batch(setup, pick):
 
 # ---- 3. the fast path deals exactly the regular path's batches to every rank ----
 
+
 @MATRIX
 @with_edges(5)
 @given(setups, st.integers(0, 2**16))
@@ -263,6 +269,7 @@ def test_fast_path_deals_the_regular_paths_batches(setup, pick):
 
 
 # ---- 4. a resume at any optimizer-step boundary, on the same or another setup, continues the epoch ----
+
 
 def resize_choices(offset: int) -> list[tuple[int, int]]:
     """(batch_size, world_size) whose global micro-batch divides `offset`: the ones dist_train resumes on."""
@@ -321,13 +328,18 @@ def test_after_a_resize_every_optimizer_step_is_whole():
 
 # ---- regression: a checkpoint at the very end of an epoch's data deals nothing, not an empty batch ----
 
-@pytest.mark.parametrize("setup", [
-    Setup(101, 7, True, False, 1, 8, 1, 1),
-    Setup(101, 7, True, True, 2, 8, 1, 1),
-    Setup(37, 3, True, False, 0, 4, 2, 3),
-    Setup(5, 1, False, False, 3, 4, 3, 2),
-    Setup(200, 9, True, True, 0, 16, 3, 4),
-], ids=str)
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        Setup(101, 7, True, False, 1, 8, 1, 1),
+        Setup(101, 7, True, True, 2, 8, 1, 1),
+        Setup(37, 3, True, False, 0, 4, 2, 3),
+        Setup(5, 1, False, False, 3, 4, 3, 2),
+        Setup(200, 9, True, True, 0, 16, 3, 4),
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("past", [0, 1], ids=["at_end", "past_end"])  # past: the end of a smaller resumed epoch
 def test_resume_at_the_end_of_the_epoch_yields_no_batch(setup, past):
     offset = setup.epoch_samples + past * setup.micro_batch_samples
@@ -358,6 +370,7 @@ def test_resume_at_the_end_of_the_epoch_through_the_built_loader(tmp_path, path)
 
 
 # ---- 5. the batch_sampler path: the user's batches, variable sizes included, dealt whole ----
+
 
 class Bucketed(torch.utils.data.Sampler):
     """A user's batch sampler: a permutation cut into batches of random sizes, drawn from `self.generator`."""
@@ -390,10 +403,19 @@ def deal_batches(num_samples, max_batch, seed, epoch, world_size, grad_accum_ste
 
 @MATRIX
 @example(1, 9, 0, 0, 3, 4, 0, 1)  # a single batch, wrapped to a whole step of 12
-@given(st.integers(1, 120), st.integers(1, 9), st.integers(0, 2**32 - 1), st.integers(0, 3), st.integers(1, 3),
-       st.integers(1, 4), st.integers(0, 2**16), st.integers(1, 3))
-def test_the_batch_sampler_path_deals_the_users_batches_whole(num_samples, max_batch, seed, epoch, world_size,
-                                                              grad_accum_steps, pick, other_world_size):
+@given(
+    st.integers(1, 120),
+    st.integers(1, 9),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 3),
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.integers(0, 2**16),
+    st.integers(1, 3),
+)
+def test_the_batch_sampler_path_deals_the_users_batches_whole(
+    num_samples, max_batch, seed, epoch, world_size, grad_accum_steps, pick, other_world_size
+):
     draw = UserOrder(Bucketed(num_samples, max_batch), seed, batches=True).draw(epoch)
     assert sorted(sum(draw, [])) == list(range(num_samples))  # the user's own batches, as it drew them
     step = world_size * grad_accum_steps

@@ -174,28 +174,44 @@ class Setup:
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
 
-    def on(self, **changes) -> "Setup":
+    def on(self, **changes) -> Setup:
         return dataclasses.replace(self, **changes)
 
     def __str__(self) -> str:
-        return (f"n{self.train_size}-v{self.val_size}-b{self.batch_size}-a{self.grad_accum_steps}-w{self.world_size}-"
-                f"{'shuffle' if self.shuffle else 'ordered'}-{'tensors' if self.tensor_dataset else 'per_sample'}-"
-                f"{self.model}-{self.optimizer}-s{self.seed}-e{self.epochs}")
+        return (
+            f"n{self.train_size}-v{self.val_size}-b{self.batch_size}-a{self.grad_accum_steps}-w{self.world_size}-"
+            f"{'shuffle' if self.shuffle else 'ordered'}-{'tensors' if self.tensor_dataset else 'per_sample'}-"
+            f"{self.model}-{self.optimizer}-s{self.seed}-e{self.epochs}"
+        )
 
     def args(self, project: Path, output_dir: Path, *extra: str) -> list[str]:
-        data_args = (f"{{train_size: {self.train_size}, val_size: {self.val_size}, "
-                     f"tensor_dataset: {str(self.tensor_dataset).lower()}, shuffle: {str(self.shuffle).lower()}}}")
+        data_args = (
+            f"{{train_size: {self.train_size}, val_size: {self.val_size}, "
+            f"tensor_dataset: {str(self.tensor_dataset).lower()}, shuffle: {str(self.shuffle).lower()}}}"
+        )
         optimizer = ["optimizer=sgd", "momentum=0.9"] if self.optimizer == "sgd" else [f"optimizer={self.optimizer}"]
         resume = [] if any(a.startswith("resume=") for a in extra) else ["resume=never"]
         return [
-            f"model={project}:{MODELS[self.model]}", f"data={project}:get_dataloader", f"data_args={data_args}",
-            *optimizer, f"lr={self.lr}", f"epochs={self.epochs}", f"batch_size={self.batch_size}",
-            f"grad_accum_steps={self.grad_accum_steps}", f"seed={self.seed}", f"output_dir={output_dir}",
-            "progress=false", "log_every=1", "checkpoint_every=1", *resume, *extra,
+            f"model={project}:{MODELS[self.model]}",
+            f"data={project}:get_dataloader",
+            f"data_args={data_args}",
+            *optimizer,
+            f"lr={self.lr}",
+            f"epochs={self.epochs}",
+            f"batch_size={self.batch_size}",
+            f"grad_accum_steps={self.grad_accum_steps}",
+            f"seed={self.seed}",
+            f"output_dir={output_dir}",
+            "progress=false",
+            "log_every=1",
+            "checkpoint_every=1",
+            *resume,
+            *extra,
         ]
 
 
 # ---- the sample -----------------------------------------------------------------------------------------
+
 
 class NotBitwise(AssertionError):
     """Weights that differ, by however little."""
@@ -205,9 +221,16 @@ def _draw_resume_setup(rng: random.Random, world_size: int, model: str) -> Setup
     """At least 3 steps per epoch, so that an epoch's last step, a mid-epoch step and the end differ."""
     while True:
         setup = Setup(
-            train_size=rng.choice(TRAIN_SIZES), val_size=rng.choice(VAL_SIZES), batch_size=rng.choice((2, 3, 4, 5)),
-            grad_accum_steps=rng.choice((1, 2, 3)), world_size=world_size, shuffle=rng.random() < 0.5,
-            tensor_dataset=rng.random() < 0.5, model=model, optimizer=rng.choice(("adamw", "sgd")), seed=rng.randrange(1000),
+            train_size=rng.choice(TRAIN_SIZES),
+            val_size=rng.choice(VAL_SIZES),
+            batch_size=rng.choice((2, 3, 4, 5)),
+            grad_accum_steps=rng.choice((1, 2, 3)),
+            world_size=world_size,
+            shuffle=rng.random() < 0.5,
+            tensor_dataset=rng.random() < 0.5,
+            model=model,
+            optimizer=rng.choice(("adamw", "sgd")),
+            seed=rng.randrange(1000),
         )
         if setup.steps_per_epoch >= 3:
             return setup
@@ -228,9 +251,17 @@ def _draw_world_size_setup(rng: random.Random) -> tuple[Setup, int, int]:
         if train_size % (global_batch * accum):
             break
     setup = Setup(
-        train_size=train_size, val_size=rng.choice(VAL_SIZES), batch_size=global_batch, grad_accum_steps=accum,
-        world_size=1, shuffle=rng.random() < 0.5, tensor_dataset=rng.random() < 0.5, model="tied", optimizer="sgd",
-        seed=rng.randrange(1000), lr=0.2,
+        train_size=train_size,
+        val_size=rng.choice(VAL_SIZES),
+        batch_size=global_batch,
+        grad_accum_steps=accum,
+        world_size=1,
+        shuffle=rng.random() < 0.5,
+        tensor_dataset=rng.random() < 0.5,
+        model="tied",
+        optimizer="sgd",
+        seed=rng.randrange(1000),
+        lr=0.2,
     )
     mids = [k for k in range(1, setup.total_steps) if k % setup.steps_per_epoch]
     return setup, rng.choice(mids), rng.choice(mids)
@@ -258,11 +289,14 @@ def _announce(request):
         for i, setup in enumerate(RESUME_SETUPS):
             print(f"  resume R{i}: {setup} at steps {[k for j, k, _ in RESUME_CASES if j == i]}")
         for i, (setup, k1, k3) in enumerate(WORLD_SIZE_SETUPS):
-            print(f"  world size W{i}: {setup} (global micro-batch {setup.batch_size}); resumes at steps {k1} (2 -> 1 ranks), {k3} (2 -> 3 and 3 -> 3)")
+            print(
+                f"  world size W{i}: {setup} (global micro-batch {setup.batch_size}); resumes at steps {k1} (2 -> 1 ranks), {k3} (2 -> 3 and 3 -> 3)"
+            )
     yield
 
 
 # ---- runs, each made once and shared by the tests that check it ------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
@@ -305,8 +339,9 @@ class Runs:
 
 
 def _read_ids(ids_dir: Path) -> dict[int, list[list[int]]]:
-    return {int(p.stem[4:]): [[int(i) for i in line.split()] for line in p.read_text().splitlines() if line]
-            for p in ids_dir.glob("rank*.txt")}
+    return {
+        int(p.stem[4:]): [[int(i) for i in line.split()] for line in p.read_text().splitlines() if line] for p in ids_dir.glob("rank*.txt")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -316,9 +351,12 @@ def runs(tmp_path_factory, project) -> Runs:
 
 # ---- oracles ----------------------------------------------------------------------------------------
 
+
 def assert_bitwise(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
-    differ = {name: (got[name].double() - want[name].double()).abs().max().item() for name in want if not torch.equal(got[name], want[name])}
+    differ = {
+        name: (got[name].double() - want[name].double()).abs().max().item() for name in want if not torch.equal(got[name], want[name])
+    }
     if differ:
         raise NotBitwise(f"not bitwise equal (max abs difference per tensor): {differ}")
 
@@ -347,6 +385,7 @@ def checkpoint(run: Run, step: int) -> Path:
 
 
 # ---- 1 and 2. same world size: interrupted + resumed is the uninterrupted run, bitwise ------------------
+
 
 def _reference(runs: Runs, i: int) -> Run:
     return runs.get(f"R{i}", RESUME_SETUPS[i])
@@ -391,7 +430,7 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, tmp_path, i, k, what
     # The validations after the resume report the same values as the uninterrupted run's (train_loss within
     # rounding: its open sums are carried as a mean over ranks, see the test below); a resume at the final step
     # has nothing to train or validate.
-    without_train_loss = lambda r: {key: v for key, v in r.items() if key != "train_loss"}  # noqa: E731
+    without_train_loss = lambda r: {key: v for key, v in r.items() if key != "train_loss"}
     after = [without_train_loss(r) for r in val_records(reference.out) if r["step"] > k]
     assert [without_train_loss(r) for r in val_records(resumed.out)] == after
 
@@ -399,7 +438,9 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, tmp_path, i, k, what
 MID_EPOCH_CASE = next((i, k) for i, k, what in RESUME_CASES if what.startswith("mid_epoch"))
 
 
-@pytest.mark.parametrize("i,k", [MID_EPOCH_CASE], ids=[_id("R", MID_EPOCH_CASE[0], RESUME_SETUPS[MID_EPOCH_CASE[0]], f"k{MID_EPOCH_CASE[1]}")])
+@pytest.mark.parametrize(
+    "i,k", [MID_EPOCH_CASE], ids=[_id("R", MID_EPOCH_CASE[0], RESUME_SETUPS[MID_EPOCH_CASE[0]], f"k{MID_EPOCH_CASE[1]}")]
+)
 def test_resumed_runs_validation_record_has_the_epochs_train_loss(runs, tmp_path, i, k):
     setup = RESUME_SETUPS[i]
     reference = _reference(runs, i)
@@ -425,6 +466,7 @@ def test_continuing_with_more_epochs_is_the_straight_run(runs, tmp_path, i):
 
 
 # ---- 1 (another world size), 3 and 4: the tied model at one global batch on 1, 2 and 3 ranks -------------
+
 
 def _on_ranks(setup: Setup, world_size: int) -> Setup:
     """The same global micro-batch dealt to `world_size` ranks."""
@@ -461,15 +503,18 @@ def test_accumulation_is_the_big_batch(runs, i):
     accumulated, big = _world_run(runs, i, 1), runs.get(f"W{i}-big", big_setup)
     assert big.sequence() == accumulated.sequence()
     assert_weights_equal(accumulated.out, big.out, exact=False)
-    steps = lambda out: [r["step"] for r in read_metrics(out) if "val_loss" not in r]  # noqa: E731
+    steps = lambda out: [r["step"] for r in read_metrics(out) if "val_loss" not in r]
     assert steps(accumulated.out) == steps(big.out) == list(range(1, setup.total_steps + 1))
 
 
 RESIZE_CASES = [(i, n) for i in range(len(WORLD_SIZE_SETUPS)) for n in (1, 3)]
 
 
-@pytest.mark.parametrize("i,n", RESIZE_CASES, ids=[_id("W", i, WORLD_SIZE_SETUPS[i][0], f"2to{n}ranks-k{WORLD_SIZE_SETUPS[i][1 if n == 1 else 2]}")
-                                                  for i, n in RESIZE_CASES])
+@pytest.mark.parametrize(
+    "i,n",
+    RESIZE_CASES,
+    ids=[_id("W", i, WORLD_SIZE_SETUPS[i][0], f"2to{n}ranks-k{WORLD_SIZE_SETUPS[i][1 if n == 1 else 2]}") for i, n in RESIZE_CASES],
+)
 def test_resume_on_another_world_size_continues_the_epoch(runs, tmp_path, i, n):
     """Saved by 2 ranks mid-epoch, resumed on n at the same global batch (batch doubled on 1 rank)."""
     setup, k = WORLD_SIZE_SETUPS[i][0], WORLD_SIZE_SETUPS[i][1 if n == 1 else 2]
@@ -488,7 +533,9 @@ def test_resume_on_another_world_size_continues_the_epoch(runs, tmp_path, i, n):
     assert val_records(resumed.out)[-1]["num_processes"] == n
 
 
-@pytest.mark.parametrize("i", range(len(WORLD_SIZE_SETUPS)), ids=[_id("W", i, s[0], f"3to3ranks-k{s[2]}") for i, s in enumerate(WORLD_SIZE_SETUPS)])
+@pytest.mark.parametrize(
+    "i", range(len(WORLD_SIZE_SETUPS)), ids=[_id("W", i, s[0], f"3to3ranks-k{s[2]}") for i, s in enumerate(WORLD_SIZE_SETUPS)]
+)
 def test_resume_on_three_ranks_is_bitwise(runs, tmp_path, i):
     """Promise 1 on 3 ranks, the same world size (the resume setups above reach 3 ranks only with SIZE >= 3)."""
     setup, k = WORLD_SIZE_SETUPS[i][0], WORLD_SIZE_SETUPS[i][2]
@@ -503,7 +550,9 @@ def test_resume_on_three_ranks_is_bitwise(runs, tmp_path, i):
 
 # ---- 5. the gathered validation loss is the exact mean ---------------------------------------------------
 
-VAL_CASES = [("R", i, s.world_size) for i, s in enumerate(RESUME_SETUPS)] + [("W", i, n) for i in range(len(WORLD_SIZE_SETUPS)) for n in (1, 2, 3)]
+VAL_CASES = [("R", i, s.world_size) for i, s in enumerate(RESUME_SETUPS)] + [
+    ("W", i, n) for i in range(len(WORLD_SIZE_SETUPS)) for n in (1, 2, 3)
+]
 
 
 def _val_case_id(group: str, i: int, n: int) -> str:

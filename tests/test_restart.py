@@ -28,7 +28,7 @@ from helpers import CPU_LAUNCH_CONFIG, REPO, SLOW_MODEL, _free_port, load_weight
 
 # A model whose forward raises on one rank at its N-th call since the process started: without a
 # checkpoint before that step every attempt starts from step 0 and fails at the same optimizer step.
-CRASH_MODEL = textwrap.dedent('''
+CRASH_MODEL = textwrap.dedent("""
     import os
     from model import MyModel
 
@@ -43,7 +43,7 @@ CRASH_MODEL = textwrap.dedent('''
             if self.crash and self.calls == self.crash_at_call:
                 raise RuntimeError(f"boom in forward call {self.calls}")
             return super().forward(x)
-''')
+""")
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +55,45 @@ def project(tmp_path_factory) -> Path:
 
 
 def _args(project: Path, out: Path, *extra: str) -> list[str]:
-    return [*seed_project_args(project, out, "batch_size=8", "log_every=1", "optimizer=sgd", "lr=0.05", "momentum=0.9", "seed=2",
-                               "epochs=3", "resume=auto", *extra)]
+    return [
+        *seed_project_args(
+            project,
+            out,
+            "batch_size=8",
+            "log_every=1",
+            "optimizer=sgd",
+            "lr=0.05",
+            "momentum=0.9",
+            "seed=2",
+            "epochs=3",
+            "resume=auto",
+            *extra,
+        )
+    ]
 
 
 def _launch(args: list[str], max_restarts: int) -> subprocess.Popen:
     """`accelerate launch --max_restarts N` of 2 CPU processes (the static rendezvous of launch_configs/cpu.yaml)."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_LAUNCH_CONFIG), "--num_processes", "2",
-               "--main_process_port", str(_free_port()), "--max_restarts", str(max_restarts), "-m", "dist_train", "train", *args]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(CPU_LAUNCH_CONFIG),
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "--max_restarts",
+        str(max_restarts),
+        "-m",
+        "dist_train",
+        "train",
+        *args,
+    ]
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
 
 
 def _workers(launcher: subprocess.Popen) -> dict[int, int]:
@@ -115,7 +145,7 @@ def _finish(launcher: subprocess.Popen, timeout_s: float = 300) -> str:
 def test_a_killed_rank_restarts_the_group_and_the_run_matches_an_uninterrupted_one(project, tmp_path):
     """SIGKILL rank 1 after the checkpoint at step 4: the agent restarts both ranks, they resume from it,
     the job exits 0 and its final weights and metrics are those of an uninterrupted run."""
-    args = lambda out: _args(project, out, "checkpoint_every=4", f"model={project / 'slow_model.py'}:SlowModel", "model_args.delay_s=0.05")  # noqa: E731
+    args = lambda out: _args(project, out, "checkpoint_every=4", f"model={project / 'slow_model.py'}:SlowModel", "model_args.delay_s=0.05")
     reference = _launch(args(tmp_path / "reference"), max_restarts=0)
     run = _launch(args(tmp_path / "run"), max_restarts=2)
     _wait_for_step(tmp_path / "run", run, 6)
@@ -138,7 +168,7 @@ def test_a_killed_rank_restarts_the_group_and_the_run_matches_an_uninterrupted_o
     assert steps == list(range(1, 49)), steps
     # The same losses as the uninterrupted run. (A validation record's train_loss is the mean since the
     # previous validation *in this process*: after a mid-epoch resume it covers the resumed steps only.)
-    losses = lambda out: [(r["step"], r.get("val_loss"), None if "val_loss" in r else r["train_loss"]) for r in read_metrics(out)]  # noqa: E731
+    losses = lambda out: [(r["step"], r.get("val_loss"), None if "val_loss" in r else r["train_loss"]) for r in read_metrics(out)]
     assert losses(tmp_path / "run") == losses(tmp_path / "reference")
     ledger = json.loads((tmp_path / "run" / "diagnostics" / "restart.json").read_text())
     first, second = ledger["attempts"]
@@ -155,12 +185,15 @@ def test_a_rank_that_fails_at_the_same_step_every_time_stops_the_run_naming_it(p
     elapsed = time.monotonic() - started
     assert run.returncode != 0, output[-6000:]
     assert output.count("dist_train: rank 1 failed at optimizer step 3: RuntimeError: boom in forward call 3") == 2, output[-6000:]
-    assert ("restart 1 (--max_restarts 2): attempt 1 failed at optimizer step 3: rank 1 RuntimeError: boom in forward call 3; "
-            "resuming") in output, output[-6000:]
-    assert ("attempts 1 and 2 both failed at optimizer step 3: rank 1 RuntimeError: boom in forward call 3. A restart from the "
-            "same checkpoint would fail there again, so this run stops") in output, output[-6000:]
+    assert (
+        "restart 1 (--max_restarts 2): attempt 1 failed at optimizer step 3: rank 1 RuntimeError: boom in forward call 3; resuming"
+    ) in output, output[-6000:]
+    assert (
+        "attempts 1 and 2 both failed at optimizer step 3: rank 1 RuntimeError: boom in forward call 3. A restart from the "
+        "same checkpoint would fail there again, so this run stops"
+    ) in output, output[-6000:]
     # The launcher's own table, once its restarts are used up, carries the same line.
-    assert "both failed at optimizer step 3: rank 1 RuntimeError" in output[output.index("Root Cause"):], output[-3000:]
+    assert "both failed at optimizer step 3: rank 1 RuntimeError" in output[output.index("Root Cause") :], output[-3000:]
     ledger = json.loads((out / "diagnostics" / "restart.json").read_text())
     assert [(e["attempt"], bool(e["refused"])) for e in ledger["attempts"]] == [(1, False), (2, False), (3, True)]
     print(f"\nfailing run: 3 attempts (2 trained, the third refused at once) in {elapsed:.0f} s")
@@ -194,11 +227,28 @@ def test_a_restarted_group_that_cannot_form_fails_within_the_startup_timeout(tmp
     attempt's keys: rank 0 waits for the restarted rank 1 for 5 s, never for the dead one's old address."""
     script = tmp_path / "worker.py"
     script.write_text(_NEVER_REJOINS)
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-               "--max_restarts", "1", str(script), str(tmp_path / "out")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "--max_restarts",
+        "1",
+        str(script),
+        str(tmp_path / "out"),
+    ]
     started = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+    )
     elapsed = time.monotonic() - started
     output = result.stdout + result.stderr
     assert result.returncode != 0
@@ -293,8 +343,13 @@ def test_the_run_lock_dies_with_its_holder_not_with_a_forked_child(tmp_path):
     from dist_train.run_lock import RunLock
 
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", _FORKING_HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _FORKING_HOLDER, str(out)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        start_new_session=True,
+    )
     try:
         assert holder.stdout.readline() == "held\n"
         holder.kill()

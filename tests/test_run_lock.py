@@ -19,15 +19,18 @@ from dist_train.errors import UserError
 from dist_train.run_lock import LOCK_NAME, RunLock
 from helpers import REPO
 
-HOLD = "import sys, time; from dist_train.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(300)"
+HOLD = (
+    "import sys, time; from dist_train.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(300)"
+)
 
 
 @pytest.fixture
 def holder(tmp_path):
     """A second process that holds the lock on tmp_path/run until the test kills it."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     try:
         assert proc.stdout.readline() == "held\n"
         yield proc, out

@@ -20,8 +20,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import (BatchSampler, DataLoader, DistributedSampler, RandomSampler, Sampler, SequentialSampler,
-                              SubsetRandomSampler, TensorDataset, WeightedRandomSampler)
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    SubsetRandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 
 from dist_train.config import load_config
 from dist_train.data import UserBatches, _with_epoch_sampler, epoch_sampler
@@ -31,7 +40,7 @@ from helpers import load_weights, run_cli, write_seed_project
 
 NUM_TRAIN = 200
 
-MODEL = '''
+MODEL = """
 import os, signal
 import torch
 import torch.nn as nn
@@ -56,7 +65,7 @@ class MyModel(nn.Module):
                 os.kill(os.getpid(), signal.SIGKILL)
             scale = 1 + 0.01 * torch.rand(())  # the global RNG: a resume must find it exactly where it was
         return self.fc2(self.act(self.fc1(x[:, :-1] * scale)))
-'''
+"""
 
 SAMPLERS = '''
 import os, time
@@ -119,7 +128,7 @@ class RandomSizes(Buckets):
             start += size
 '''
 
-DATALOADER = '''
+DATALOADER = """
 import torch
 from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 from dataset import MyDataset
@@ -142,16 +151,20 @@ def get_dataloader(cfg, train):
     else:
         sampler = {"even": EvenIds, "unseeded": Unseeded, "per_rank": PerRank}[cfg.sampler](n)
     return DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler)
-'''
+"""
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     folder = write_seed_project(tmp_path_factory.mktemp("sampler_seed"), num_train=NUM_TRAIN, num_val=40)
-    (folder / "dataset.py").write_text((folder / "dataset.py").read_text().replace(
-        "return self.x[index], self.y[index]",
-        "return torch.cat([self.x[index], torch.tensor([float(index)])]), self.y[index]  # last column: the id",
-    ))
+    (folder / "dataset.py").write_text(
+        (folder / "dataset.py")
+        .read_text()
+        .replace(
+            "return self.x[index], self.y[index]",
+            "return torch.cat([self.x[index], torch.tensor([float(index)])]), self.y[index]  # last column: the id",
+        )
+    )
     (folder / "model.py").write_text(MODEL)
     (folder / "samplers.py").write_text(textwrap.dedent(SAMPLERS))
     (folder / "dataloader.py").write_text(DATALOADER)
@@ -160,14 +173,22 @@ def project(tmp_path_factory) -> Path:
 
 def _args(project: Path, out: Path, sampler: str, *extra: str, **data_args) -> list[str]:
     data = ", ".join(f"{k}: {v}" for k, v in {"data_path": project / "data.pt", "sampler": sampler, **data_args}.items())
-    return [f"model={project / 'model.py'}:MyModel", f"data={project / 'dataloader.py'}:get_dataloader",
-            f"data_args={{{data}}}", f"output_dir={out}", "progress=false", "resume=auto", *extra]
+    return [
+        f"model={project / 'model.py'}:MyModel",
+        f"data={project / 'dataloader.py'}:get_dataloader",
+        f"data_args={{{data}}}",
+        f"output_dir={out}",
+        "progress=false",
+        "resume=auto",
+        *extra,
+    ]
 
 
 def _lines(ids_dir: Path) -> dict[int, list[list[int]]]:
     """Each rank's forwards, as the list of ids of each."""
-    return {int(p.stem[4:]): [[int(i) for i in line.split()] for line in p.read_text().splitlines()]
-            for p in sorted(ids_dir.glob("rank*.txt"))}
+    return {
+        int(p.stem[4:]): [[int(i) for i in line.split()] for line in p.read_text().splitlines()] for p in sorted(ids_dir.glob("rank*.txt"))
+    }
 
 
 def _global(ids_dir: Path) -> list[list[int]]:
@@ -198,6 +219,7 @@ def _assert_bitwise(run: Path, reference: Path) -> None:
 
 # ---- in process: how a user's sampler becomes the epoch's order ----------------------------------------
 
+
 def _dataset(n: int = 101) -> TensorDataset:
     return TensorDataset(torch.arange(float(n)).unsqueeze(1), torch.arange(n))
 
@@ -224,13 +246,17 @@ def test_shuffle_true_keeps_its_permutation_which_is_the_random_samplers_own_dra
     assert epoch_sampler(_with_epoch_sampler(DataLoader(_dataset(), batch_size=8), _cfg(tmp_path), 1)).source is None
 
 
-@pytest.mark.parametrize("make", [
-    lambda d: WeightedRandomSampler(torch.linspace(0.1, 1, len(d)), num_samples=300),
-    lambda d: SubsetRandomSampler(range(0, len(d), 3)),
-    lambda d: RandomSampler(d, replacement=True),
-    lambda d: RandomSampler(d, num_samples=250),
-    lambda d: SequentialSampler(range(40)),
-], ids=["weighted", "subset", "replacement", "num_samples", "sequential_subset"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda d: WeightedRandomSampler(torch.linspace(0.1, 1, len(d)), num_samples=300),
+        lambda d: SubsetRandomSampler(range(0, len(d), 3)),
+        lambda d: RandomSampler(d, replacement=True),
+        lambda d: RandomSampler(d, num_samples=250),
+        lambda d: SequentialSampler(range(40)),
+    ],
+    ids=["weighted", "subset", "replacement", "num_samples", "sequential_subset"],
+)
 def test_a_user_sampler_is_its_own_draw_seeded_by_seed_and_epoch(tmp_path, make):
     dataset = _dataset()
     user = make(dataset)
@@ -287,14 +313,18 @@ def test_a_set_epoch_sampler_is_told_the_epoch(tmp_path):
     assert _epoch_ids(loader, 3)[:5] == [3, 4, 5, 6, 7]
 
 
-@pytest.mark.parametrize("loader, message", [
-    (lambda d: DataLoader(d, batch_size=8, sampler=DistributedSampler(d, num_replicas=2, rank=0)), "DistributedSampler"),
-    (lambda d: DataLoader(d, batch_size=None), "batch_size=None"),
-    (lambda d: DataLoader(d, batch_size=8, sampler=BatchSampler(RandomSampler(d), 8, False)), "pass it as batch_sampler="),
-    (lambda d: DataLoader(d, batch_size=8, sampler=[0.5, 1.5]), "float items, not integer dataset indices"),
-    (lambda d: DataLoader(d, batch_size=8, sampler=SubsetRandomSampler([])), "yields nothing for epoch 0"),
-    (lambda d: DataLoader(d, batch_sampler=[[1, 2], []]), "must be a non-empty list of integer indices"),
-], ids=["distributed", "no_batching", "batches_as_sampler", "floats", "empty", "empty_batch"])
+@pytest.mark.parametrize(
+    "loader, message",
+    [
+        (lambda d: DataLoader(d, batch_size=8, sampler=DistributedSampler(d, num_replicas=2, rank=0)), "DistributedSampler"),
+        (lambda d: DataLoader(d, batch_size=None), "batch_size=None"),
+        (lambda d: DataLoader(d, batch_size=8, sampler=BatchSampler(RandomSampler(d), 8, False)), "pass it as batch_sampler="),
+        (lambda d: DataLoader(d, batch_size=8, sampler=[0.5, 1.5]), "float items, not integer dataset indices"),
+        (lambda d: DataLoader(d, batch_size=8, sampler=SubsetRandomSampler([])), "yields nothing for epoch 0"),
+        (lambda d: DataLoader(d, batch_sampler=[[1, 2], []]), "must be a non-empty list of integer indices"),
+    ],
+    ids=["distributed", "no_batching", "batches_as_sampler", "floats", "empty", "empty_batch"],
+)
 def test_what_cannot_be_honoured_is_refused_at_start(tmp_path, loader, message):
     with pytest.raises(UserError, match=message):
         _with_epoch_sampler(loader(_dataset()), _cfg(tmp_path), 1)
@@ -363,8 +393,11 @@ def weighted(project, tmp_path_factory) -> dict[int, Path]:
     for nproc in (1, 2):
         runs[nproc] = tmp_path_factory.mktemp(f"weighted{nproc}") / "run"
         (runs[nproc].parent / "ids").mkdir()
-        run_cli(_args(project, runs[nproc], "weighted", *WEIGHTED, BATCH[nproc], draws=DRAWS), nproc=nproc,
-                env={"IDS_DIR": str(runs[nproc].parent / "ids")})
+        run_cli(
+            _args(project, runs[nproc], "weighted", *WEIGHTED, BATCH[nproc], draws=DRAWS),
+            nproc=nproc,
+            env={"IDS_DIR": str(runs[nproc].parent / "ids")},
+        )
     return runs
 
 
@@ -412,8 +445,9 @@ def test_subset_sampler_trains_on_exactly_its_subset(project, tmp_path, nproc):
     out, ids = tmp_path / "run", tmp_path / "ids"
     ids.mkdir()
     extra = {"fast": "true"} if nproc == 2 else {}
-    run_cli(_args(project, out, "subset", "epochs=2", f"batch_size={10 // nproc}", "seed=3", **extra), nproc=nproc,
-            env={"IDS_DIR": str(ids)})
+    run_cli(
+        _args(project, out, "subset", "epochs=2", f"batch_size={10 // nproc}", "seed=3", **extra), nproc=nproc, env={"IDS_DIR": str(ids)}
+    )
     micro = _global(ids)
     subset = list(range(3, NUM_TRAIN, 10))
     assert len(micro) == 4 and all(len(b) == 10 for b in micro)  # 20 ids per epoch: 2 micro-batches of 10
@@ -478,4 +512,4 @@ def test_batch_sampler_on_two_ranks_is_dealt_whole_and_resumes_bitwise(project, 
     resumed = run_cli(_args(project, out, "buckets", *common), nproc=2, env={"IDS_DIR": str(resumed_ids)})
     assert f"at optimizer step {steps0 + 3} (epoch 1, " in resumed.stdout
     _assert_bitwise(out, reference)
-    assert _lines(resumed_ids)[0] == ranks[0][len(ranks[0]) - (len(padded[1]) // 2 - 6):]
+    assert _lines(resumed_ids)[0] == ranks[0][len(ranks[0]) - (len(padded[1]) // 2 - 6) :]

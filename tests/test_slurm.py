@@ -74,7 +74,7 @@ class Slurm:
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=60, check=check)
 
-    def submit(self, script: str, name: str, args: list[str], sbatch_flags: list[str] = (), env: dict | None = None) -> "Job":
+    def submit(self, script: str, name: str, args: list[str], sbatch_flags: list[str] = (), env: dict | None = None) -> Job:
         folder = self.workdir / name
         folder.mkdir(parents=True, exist_ok=True)
         command = ["sbatch", "--parsable", f"--job-name={name}", *self.extra_args, *sbatch_flags, str(REPO / "slurm" / script), *args]
@@ -172,7 +172,9 @@ def slurm(tmp_path_factory):
     if failure:
         subprocess.run(["bash", str(SANDBOX_SCRIPTS / "stop-cluster.sh"), "--purge"], env=env, capture_output=True, timeout=120)
         lock.close()
-        pytest.fail(f"the SLURM sandbox did not start ({failure}); tests/slurm_sandbox/start-cluster.sh said:\n{output[-6000:]}", pytrace=False)
+        pytest.fail(
+            f"the SLURM sandbox did not start ({failure}); tests/slurm_sandbox/start-cluster.sh said:\n{output[-6000:]}", pytrace=False
+        )
     print(f"\nslurm sandbox up in {time.monotonic() - started:.0f} s")
     env["PATH"] = f"{SANDBOX_DIR / 'bin'}:{env['PATH']}"  # every client goes through the namespace wrappers
     try:
@@ -186,12 +188,14 @@ def slurm(tmp_path_factory):
 def project(slurm) -> Path:
     folder = write_seed_project(slurm.workdir / "project", num_train=256, num_val=32)
     (folder / "slow_model.py").write_text(SLOW_MODEL)
-    (folder / "run.yaml").write_text(textwrap.dedent(f'''
+    (folder / "run.yaml").write_text(
+        textwrap.dedent(f"""
         model: {folder / "slow_model.py"}:SlowModel
         data: {folder / "dataloader.py"}:get_dataloader
         data_args: {{data_path: {folder / "data.pt"}}}
         progress: false
-    '''))
+    """)
+    )
     return folder
 
 
@@ -202,24 +206,50 @@ def jobs(slurm, project):
     config = ["--config", str(project / "run.yaml")]
     slow = ["model_args.delay_s=0.2", *TRAIN_OVERRIDES]
     submitted = {
-        "single": slurm.submit("train.sbatch", "single", [*config, *slow, f"output_dir={slurm.workdir / 'single' / 'out'}"],
-                               env={**cpu, "PROCS_PER_NODE": "2"}),
-        "preempt": slurm.submit("train.sbatch", "preempt", [*config, *slow, f"output_dir={slurm.workdir / 'preempt' / 'out'}"],
-                                sbatch_flags=PREEMPT_FLAGS, env={**cpu, "PROCS_PER_NODE": "2"}),
-        "mpreempt": slurm.submit("train_multinode.sbatch", "mpreempt", [*config, *slow, f"output_dir={slurm.workdir / 'mpreempt' / 'out'}"],
-                                 sbatch_flags=[*PREEMPT_FLAGS, "--nodes=2"], env={**cpu, "PROCS_PER_NODE": "1"}),
-        "doctor2": slurm.submit("train_multinode.sbatch", "doctor2", ["doctor", *config], sbatch_flags=["--nodes=2"],
-                                env={**cpu, "PROCS_PER_NODE": "1"}),
-        "multi": slurm.submit("train_multinode.sbatch", "multi", [*config, "epochs=2", "batch_size=16", f"output_dir={slurm.workdir / 'multi' / 'out'}"],
-                              sbatch_flags=["--nodes=2"], env={**cpu, "PROCS_PER_NODE": "1", "DIST_TRAIN_SETUP": 'echo "setup ran on $(hostname)"'}),
+        "single": slurm.submit(
+            "train.sbatch", "single", [*config, *slow, f"output_dir={slurm.workdir / 'single' / 'out'}"], env={**cpu, "PROCS_PER_NODE": "2"}
+        ),
+        "preempt": slurm.submit(
+            "train.sbatch",
+            "preempt",
+            [*config, *slow, f"output_dir={slurm.workdir / 'preempt' / 'out'}"],
+            sbatch_flags=PREEMPT_FLAGS,
+            env={**cpu, "PROCS_PER_NODE": "2"},
+        ),
+        "mpreempt": slurm.submit(
+            "train_multinode.sbatch",
+            "mpreempt",
+            [*config, *slow, f"output_dir={slurm.workdir / 'mpreempt' / 'out'}"],
+            sbatch_flags=[*PREEMPT_FLAGS, "--nodes=2"],
+            env={**cpu, "PROCS_PER_NODE": "1"},
+        ),
+        "doctor2": slurm.submit(
+            "train_multinode.sbatch", "doctor2", ["doctor", *config], sbatch_flags=["--nodes=2"], env={**cpu, "PROCS_PER_NODE": "1"}
+        ),
+        "multi": slurm.submit(
+            "train_multinode.sbatch",
+            "multi",
+            [*config, "epochs=2", "batch_size=16", f"output_dir={slurm.workdir / 'multi' / 'out'}"],
+            sbatch_flags=["--nodes=2"],
+            env={**cpu, "PROCS_PER_NODE": "1", "DIST_TRAIN_SETUP": 'echo "setup ran on $(hostname)"'},
+        ),
         # Runs (~10 min) until the test kills one of its ranks (or the teardown cancels it); no in-job restarts.
-        "multikill": slurm.submit("train_multinode.sbatch", "multikill", [*config, "model_args.delay_s=0.2", "epochs=300", "log_every=1",
-                                                                          f"output_dir={slurm.workdir / 'multikill' / 'out'}"],
-                                  sbatch_flags=["--nodes=2"], env={**cpu, "PROCS_PER_NODE": "1", "MAX_RESTARTS": "0"}),
+        "multikill": slurm.submit(
+            "train_multinode.sbatch",
+            "multikill",
+            [*config, "model_args.delay_s=0.2", "epochs=300", "log_every=1", f"output_dir={slurm.workdir / 'multikill' / 'out'}"],
+            sbatch_flags=["--nodes=2"],
+            env={**cpu, "PROCS_PER_NODE": "1", "MAX_RESTARTS": "0"},
+        ),
         # The single job's training on 2 nodes; the test kills its rank on node2 and the agents restart it (MAX_RESTARTS: 3).
         # Held until its test releases it, so that it still trains when the test gets to it.
-        "mrestart": slurm.submit("train_multinode.sbatch", "mrestart", [*config, *slow, f"output_dir={slurm.workdir / 'mrestart' / 'out'}"],
-                                 sbatch_flags=["--nodes=2", "--hold"], env={**cpu, "PROCS_PER_NODE": "1"}),
+        "mrestart": slurm.submit(
+            "train_multinode.sbatch",
+            "mrestart",
+            [*config, *slow, f"output_dir={slurm.workdir / 'mrestart' / 'out'}"],
+            sbatch_flags=["--nodes=2", "--hold"],
+            env={**cpu, "PROCS_PER_NODE": "1"},
+        ),
     }
     for name in ("preempt", "mpreempt"):
         threading.Thread(target=_raise_time_limit_after_first_requeue, args=(submitted[name],), daemon=True).start()
@@ -228,7 +258,9 @@ def jobs(slurm, project):
 
 
 def _assert_completed(job: Job, fields: dict) -> None:
-    assert fields.get("JobState") == "COMPLETED", f"job {job.id}: {fields.get('JobState')} {fields.get('ExitCode')}\n{job.log_text()[-5000:]}"
+    assert fields.get("JobState") == "COMPLETED", (
+        f"job {job.id}: {fields.get('JobState')} {fields.get('ExitCode')}\n{job.log_text()[-5000:]}"
+    )
 
 
 def test_single_node_job_completes_with_metrics_and_weights(jobs, slurm):
@@ -257,7 +289,9 @@ def test_two_node_job_is_one_distributed_job(jobs, slurm):
     assert [r["num_processes"] for r in records] == [2, 2]
     assert records[-1]["step"] == 2 * 256 // (16 * 2)  # one job of 2 ranks, not two lone trainings
     assert multi.log_text().count("setup ran on") == 3  # DIST_TRAIN_SETUP: the batch shell, then each node's task
-    assert re.search(r"node 0 \(\S+\) starts 1 processes", multi.log_text()) and re.search(r"node 1 \(\S+\) starts 1 processes", multi.log_text())
+    assert re.search(r"node 0 \(\S+\) starts 1 processes", multi.log_text()) and re.search(
+        r"node 1 \(\S+\) starts 1 processes", multi.log_text()
+    )
 
 
 def test_sandbox_holds_an_unreachable_route_for_its_subnet(slurm):
@@ -280,8 +314,10 @@ def _assert_preempted_resumed_and_equal_to_the_uninterrupted_run(job: Job, jobs:
     assert len(resumed) == restarts and 0 < resumed[0] < 160, log[-5000:]
     usr1 = re.findall(r"batch shell got USR1 at (\d\d:\d\d:\d\d)", log)
     requeued = re.findall(r"requeued SLURM job", log)
-    print(f"\n{job.log.stem}: submitted {fields.get('SubmitTime')}, USR1 at {usr1}, {len(requeued)} requeue(s), resumed at optimizer "
-          f"step(s) {resumed}, last run {fields.get('StartTime')} -> {fields.get('EndTime')} ({fields.get('RunTime')})")
+    print(
+        f"\n{job.log.stem}: submitted {fields.get('SubmitTime')}, USR1 at {usr1}, {len(requeued)} requeue(s), resumed at optimizer "
+        f"step(s) {resumed}, last run {fields.get('StartTime')} -> {fields.get('EndTime')} ({fields.get('RunTime')})"
+    )
 
     _assert_completed(jobs["single"], jobs["single"].wait())  # the uninterrupted twin
     reference, resumed_weights = load_weights(slurm.workdir / "single" / "out"), load_weights(job.log.parent / "out")
@@ -300,7 +336,9 @@ def test_preempted_multinode_job_requeues_resumes_and_matches_an_uninterrupted_r
     job = jobs["mpreempt"]
     log = _assert_preempted_resumed_and_equal_to_the_uninterrupted_run(job, jobs, slurm)
     runs = log.count(f"dist_train: job {job.id} restart ")
-    assert len(re.findall(r"node 0 \(\S+\) starts 1 processes", log)) == runs == len(re.findall(r"node 1 \(\S+\) starts 1 processes", log)), log[-5000:]
+    assert (
+        len(re.findall(r"node 0 \(\S+\) starts 1 processes", log)) == runs == len(re.findall(r"node 1 \(\S+\) starts 1 processes", log))
+    ), log[-5000:]
     records = [r for r in read_metrics(job.log.parent / "out") if "val_loss" in r]
     assert {r["num_processes"] for r in records} == {2} and records[-1]["step"] == 160
 

@@ -72,8 +72,15 @@ def project(tmp_path_factory) -> Path:
 
 
 def _args(project: Path, out: Path, *extra: str) -> list[str]:
-    return [f"model={project / 'stream.py'}:Model", f"data={project / 'stream.py'}:get_dataloader",
-            f"data_args={{folder: {project}}}", f"output_dir={out}", "progress=false", "resume=never", *extra]
+    return [
+        f"model={project / 'stream.py'}:Model",
+        f"data={project / 'stream.py'}:get_dataloader",
+        f"data_args={{folder: {project}}}",
+        f"output_dir={out}",
+        "progress=false",
+        "resume=never",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("nproc, num_workers", [(1, 0), (2, 2)])
@@ -81,8 +88,11 @@ def test_each_streamed_sample_is_trained_on_once_per_epoch(project, tmp_path, np
     ids_dir = tmp_path / "ids"
     ids_dir.mkdir()
     out = tmp_path / "run"
-    run_cli(_args(project, out, "epochs=2", f"batch_size={8 // nproc}", f"num_workers={num_workers}"), nproc=nproc,
-            env={"IDS_DIR": str(ids_dir)})
+    run_cli(
+        _args(project, out, "epochs=2", f"batch_size={8 // nproc}", f"num_workers={num_workers}"),
+        nproc=nproc,
+        env={"IDS_DIR": str(ids_dir)},
+    )
     seen = collections.Counter(int(i) for p in ids_dir.glob("rank*.txt") for i in p.read_text().split())
     assert seen == collections.Counter({i: 2 for i in range(TRAIN)})  # 2 epochs, no sample lost, none padded in
     records = val_records(out)

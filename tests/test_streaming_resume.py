@@ -20,9 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import load_weights, run_cli, seed_project_args, write_seed_project
-
 from dist_train.manifest import read_manifest
+from helpers import load_weights, run_cli, seed_project_args, write_seed_project
 
 pytest.importorskip("torchdata.stateful_dataloader")
 
@@ -117,9 +116,18 @@ def project(tmp_path_factory) -> Path:
 
 def _args(project: Path, out: Path, source: str, nproc: int, num_workers: int, *extra: str) -> list[str]:
     loader = "get_dataloader" if source == "user" else "get_hf_dataloader"
-    return [f"model={project / 'stream.py'}:Model", f"data={project / 'stream.py'}:{loader}",
-            f"data_args={{folder: {project}}}", f"output_dir={out}", "progress=false", "resume=auto",
-            f"batch_size={8 // nproc}", f"num_workers={num_workers}", *COMMON, *extra]
+    return [
+        f"model={project / 'stream.py'}:Model",
+        f"data={project / 'stream.py'}:{loader}",
+        f"data_args={{folder: {project}}}",
+        f"output_dir={out}",
+        "progress=false",
+        "resume=auto",
+        f"batch_size={8 // nproc}",
+        f"num_workers={num_workers}",
+        *COMMON,
+        *extra,
+    ]
 
 
 def _ids(folder: Path, steps: int | None = None) -> collections.Counter:
@@ -150,8 +158,12 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(project, tmp_path, s
     run_cli(_args(project, reference, source, nproc, num_workers, *extra), nproc=nproc)
     ids_killed, ids_resumed = tmp_path / "ids_killed", tmp_path / "ids_resumed"
     ids_killed.mkdir(), ids_resumed.mkdir()
-    killed = run_cli(_args(project, out, source, nproc, num_workers, *extra), nproc=nproc, check=False,
-                     env={"KILL_AT_FORWARD": str(KILL_AT_FORWARD), "IDS_DIR": str(ids_killed)})
+    killed = run_cli(
+        _args(project, out, source, nproc, num_workers, *extra),
+        nproc=nproc,
+        check=False,
+        env={"KILL_AT_FORWARD": str(KILL_AT_FORWARD), "IDS_DIR": str(ids_killed)},
+    )
     assert killed.returncode != 0 and not (out / "model.safetensors").exists()
     saved = out / "checkpoints" / f"step_{LAST_SAVED:08d}"
     manifest = read_manifest(saved)
@@ -185,13 +197,16 @@ def test_another_world_size_continues_the_stream_exactly_once(project, tmp_path)
     """2 processes x 4 -> 1 process x 4: the same batches of 4 on rank 0, so the saved state still fits."""
     out, ids_killed, ids_resumed = tmp_path / "run", tmp_path / "ids_killed", tmp_path / "ids_resumed"
     ids_killed.mkdir(), ids_resumed.mkdir()
-    run_cli(_args(project, out, "user", 2, 2), nproc=2, check=False, env={"KILL_AT_FORWARD": str(KILL_AT_FORWARD), "IDS_DIR": str(ids_killed)})
+    run_cli(
+        _args(project, out, "user", 2, 2), nproc=2, check=False, env={"KILL_AT_FORWARD": str(KILL_AT_FORWARD), "IDS_DIR": str(ids_killed)}
+    )
     resumed = run_cli([*_args(project, out, "user", 2, 2), "batch_size=4"], env={"IDS_DIR": str(ids_resumed)})
     assert "written by 2 processes" in resumed.stdout
     assert _ids(ids_killed, LAST_SAVED) + _ids(ids_resumed) == collections.Counter({i: 2 for i in range(TRAIN)})
 
 
 # ---- refusals: one line, exit 2, no checkpoint touched ----------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def stopped_mid_epoch(project, tmp_path_factory) -> Path:
@@ -204,7 +219,7 @@ def stopped_mid_epoch(project, tmp_path_factory) -> Path:
 def _refused(result, *needles: str) -> str:
     # One process exits 2; under the launcher a rank exits 2 and the launcher reports it (exitcode 2) and exits 1.
     assert result.returncode == 2 or (result.returncode == 1 and "exitcode  : 2" in result.stderr), result.stderr[-2000:]
-    lines = [line[line.index("dist-train: error:"):] for line in result.stderr.splitlines() if "dist-train: error:" in line]
+    lines = [line[line.index("dist-train: error:") :] for line in result.stderr.splitlines() if "dist-train: error:" in line]
     assert lines, result.stderr[-3000:]
     line = lines[0]  # every rank prints the same line
     for needle in needles:
@@ -234,6 +249,7 @@ def test_a_stream_without_a_state_is_still_refused_mid_epoch(project, stopped_mi
     step = out / "checkpoints" / "step_00000005"
     (step / "data_state.pt").unlink()
     from dist_train.manifest import write_manifest
+
     manifest = read_manifest(step)
     write_manifest(step, {k: v for k, v in manifest.items() if k != "files"})
     _refused(run_cli(_args(project, out, "user", 1, 0), check=False), "cannot be restarted at that position", "state_dict()")

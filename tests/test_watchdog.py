@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import read_metrics, run_cli, seed_project_args, write_seed_project
-
 from dist_train.watchdog import describe_hang
+from helpers import read_metrics, run_cli, seed_project_args, write_seed_project
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     folder = write_seed_project(tmp_path_factory.mktemp("watchdog_seed"), num_train=128, num_val=20)
-    (folder / "sleepy.py").write_text(textwrap.dedent('''
+    (folder / "sleepy.py").write_text(
+        textwrap.dedent('''
         import os, time
         from model import MyModel
 
@@ -39,24 +39,26 @@ def project(tmp_path_factory) -> Path:
             def sleep_forever(self):
                 while True:
                     time.sleep(1)
-    '''))
+    ''')
+    )
     return folder
 
 
 def _args(project, out, *extra):
-    return [a if not a.startswith("model=") else f"model={project / 'sleepy.py'}:SleepyModel"
-            for a in seed_project_args(project, out, "batch_size=8", *extra)]
+    return [
+        a if not a.startswith("model=") else f"model={project / 'sleepy.py'}:SleepyModel"
+        for a in seed_project_args(project, out, "batch_size=8", *extra)
+    ]
 
 
 def test_a_rank_asleep_in_forward_fails_the_job_in_time_naming_it(project, tmp_path):
     out = tmp_path / "run"
     start = time.monotonic()
-    result = run_cli(_args(project, out, "epochs=2", "hang_timeout_s=5", "collective_timeout_s=120"), nproc=2,
-                     check=False, timeout=180)
+    result = run_cli(_args(project, out, "epochs=2", "hang_timeout_s=5", "collective_timeout_s=120"), nproc=2, check=False, timeout=180)
     elapsed = time.monotonic() - start
     assert result.returncode != 0
     assert elapsed < 5 + 60 + 30, elapsed  # hang_timeout_s + 60 s, plus the start-up of two processes
-    (line,) = [l for l in result.stderr.splitlines() if l.startswith("dist_train: error: no progress for 5 s")]
+    (line,) = [text for text in result.stderr.splitlines() if text.startswith("dist_train: error: no progress for 5 s")]
     assert "rank 1 (" in line and "in forward at optimizer step 6, micro-batch 1" in line and "the other ranks wait for it" in line
     assert "rank 0 (" not in line
     stacks = (out / "diagnostics" / "rank1.txt").read_text()
