@@ -71,7 +71,7 @@ def plot_run(run_dir: str | Path) -> Path:
 def plot_if_available(run_dir: str | Path) -> Path | None:
     """The end-of-run plot: drawn when matplotlib is installed, silently skipped otherwise."""
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401 - only whether it is installed
     except ImportError:
         return None
     try:
