@@ -22,6 +22,7 @@ import pickle
 import shutil
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -65,12 +66,16 @@ _MISFIT_SIGNS = (
 
 
 def _is_write_failure(exc: Exception) -> bool:
-    """An I/O failure of a save (full disk, no permission): OSError, safetensors' error, or torch's zip
-    writer, which reports a failed write as a RuntimeError; never another RuntimeError (e.g. a collective
-    timeout, `DistBackendError`), which must keep its traceback."""
+    """An I/O failure of a save (full disk, no permission): OSError, safetensors' error, or torch's writer,
+    which reports a failed write as a RuntimeError ("PytorchStreamWriter failed", "iostream error") from
+    inside `torch.save`; never another RuntimeError (e.g. a collective timeout, `DistBackendError`), which
+    must keep its traceback."""
     if isinstance(exc, (OSError, SafetensorError)):
         return True
-    return "PytorchStreamWriter" in str(exc) or "file write failed" in str(exc)
+    if any(sign in str(exc) for sign in ("PytorchStreamWriter", "file write failed", "iostream error")):
+        return True
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and frames[-1].filename.replace("\\", "/").endswith("torch/serialization.py")
 
 
 def _warn(message: str) -> None:
