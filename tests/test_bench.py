@@ -13,9 +13,9 @@ import torch
 from helpers import REPO
 
 
-def _bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def _bench(*args: str, timeout: float = 240, module: str = "bench") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_smoke_run_writes_a_table_and_a_json_report(tmp_path):
@@ -93,29 +93,13 @@ def test_gpu_mode_without_a_gpu_says_so(tmp_path):
 
 def test_async_checkpoint_benchmark_runs(tmp_path):
     """The stall benchmark (bench/RESULTS.md) end to end on a small model; no timing is asserted."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.async_checkpoint", "--mib", "4", "--saves", "2", "--steps", "4", "--dir", str(tmp_path)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    result = _bench("--mib", "4", "--saves", "2", "--steps", "4", "--dir", str(tmp_path), module="bench.async_checkpoint")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "async_checkpoint, stall per checkpoint" in result.stdout and "hang watchdog: median step" in result.stdout
 
 
 def test_streaming_benchmark_runs():
     """dist_train against the hand-written loop over the same IterableDataset (bench/RESULTS.md); no timing asserted."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.streaming", "--steps", "6", "--window", "2", "--pairs", "1", "--stateful"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    result = _bench("--steps", "6", "--window", "2", "--pairs", "1", "--stateful", module="bench.streaming")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "throughput dist_train / seed:" in result.stdout and "stream position: state_dict copy" in result.stdout
