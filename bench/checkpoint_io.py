@@ -24,8 +24,8 @@ from statistics import median
 import torch
 
 from dist_train.checkpoint import Checkpointer
+from dist_train.checkpoint.manifest import sha256_file
 from dist_train.config import Config
-from dist_train.manifest import sha256_file
 from dist_train.state import TrainState
 
 

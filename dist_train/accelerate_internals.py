@@ -15,6 +15,10 @@ on any other version, so an upgrade is a deliberate act: rerun the suite, then w
   calls, `accelerate.accelerator.load_custom_state`, is swapped for the duration of a load.
 - `micro_step` / `set_micro_step`: `Accelerator.step`, the micro-batch counter `accumulate()` syncs on.
 - `process_group_timeout`: the `InitProcessGroupKwargs` the Accelerator was made with (`init_handler`).
+- `registered_objects`: `Accelerator._custom_objects`, what `register_for_checkpointing` registered
+  (restarts.py reads the TrainState there for the step a failing rank was at).
+- `is_out_of_memory`: `accelerate.utils.memory.should_reduce_batch_size` (not exported by
+  `accelerate.utils`), the test `find_executable_batch_size` retries on.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import accelerate
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DistributedType
+from accelerate.utils.memory import should_reduce_batch_size
 
 TESTED_ACCELERATE = ("1.15",)  # major.minor releases this module was checked against
 
@@ -77,7 +82,7 @@ def safe_custom_state_loader():
     """
     import accelerate.accelerator as accelerator_module
 
-    from .safe_load import safe_torch_load
+    from .checkpoint.safe_load import safe_torch_load
 
     def load_custom_state(obj, path, index=0):
         obj.load_state_dict(safe_torch_load(Path(path) / f"custom_checkpoint_{index}.pkl"))
@@ -119,3 +124,13 @@ def process_group_timeout(accelerator) -> timedelta | None:
     Accelerator as InitProcessGroupKwargs); None (torch's default) when the Accelerator got none."""
     handler = getattr(accelerator, "init_handler", None)
     return getattr(handler, "timeout", None)
+
+
+def registered_objects(accelerator) -> list:
+    """What `accelerator.register_for_checkpointing` registered, in order (empty for no Accelerator)."""
+    return list(getattr(accelerator, "_custom_objects", ()))
+
+
+def is_out_of_memory(exc: Exception) -> bool:
+    """Whether `exc` is an out-of-memory error, as `find_executable_batch_size` decides to retry smaller."""
+    return should_reduce_batch_size(exc)

@@ -22,8 +22,8 @@ from collections.abc import Callable
 import torch
 from accelerate import Accelerator
 from accelerate.utils import find_executable_batch_size
-from accelerate.utils.memory import should_reduce_batch_size
 
+from .accelerate_internals import is_out_of_memory
 from .batches import batch_size_of, call_model, split_batch
 from .config import Config
 from .errors import UserError
@@ -47,7 +47,7 @@ def _probe(accelerator: Accelerator, model, optimizer, train_loader, loss_fn, cf
         try:
             accelerator.backward(loss_fn(call_model(model, inputs), targets))
         except Exception as exc:
-            if not should_reduce_batch_size(exc):
+            if not is_out_of_memory(exc):
                 raise
             out_of_memory = True
         del batch, inputs, targets

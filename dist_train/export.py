@@ -25,10 +25,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .dcp_check import check_dcp_folder
+from .checkpoint.dcp_check import check_dcp_folder
+from .checkpoint.manifest import MANIFEST, InvalidCheckpoint, read_manifest, verify
+from .checkpoint.safe_load import safe_torch_load
 from .errors import UserError
-from .manifest import MANIFEST, InvalidCheckpoint, read_manifest, verify
-from .safe_load import safe_torch_load
 
 CONFIG_NAME = "dist_train_model.json"
 WEIGHTS_NAME = "model.safetensors"

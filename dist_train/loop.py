@@ -33,6 +33,7 @@ from .accelerate_internals import LeanOptimizer, fix_ddp_bucket_order
 from .batch_size import fit_batch_size
 from .batches import call_model, split_batch
 from .checkpoint import Checkpointer
+from .checkpoint.run_lock import RunLock
 from .config import Config, resolve_modes
 from .data import build_loaders, train_position
 from .errors import UserError
@@ -45,7 +46,6 @@ from .plot import plot_if_available
 from .plugins import build_model
 from .preemption import Preemption
 from .profiling import StepProfiler
-from .run_lock import RunLock
 from .state import TrainState
 from .stragglers import StragglerMonitor
 from .unused import UnusedParameterCheck

@@ -31,8 +31,8 @@ Multi-node jobs need the c10d rendezvous with `TORCH_DISABLE_SHARE_RDZV_TCP_STOR
 fresh store on a fresh port (no per-attempt keys needed).
 
 Torch internals touched (checked against torch 2.13): `register_rendezvous_handler` and
-`ProcessGroup.set_timeout` (public, little documented); accelerate 1.15: `Accelerator._custom_objects`
-(the registered TrainState, read for the failing step), `Accelerator.init_handler`.
+`ProcessGroup.set_timeout` (public, little documented). Accelerate's registered objects (the TrainState,
+read for the failing step) come through accelerate_internals.py's `registered_objects`.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ import torch.distributed as dist
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .accelerate_internals import registered_objects
 from .config import Config
 from .errors import UserError
 from .state import TrainState
@@ -143,7 +144,7 @@ def _diagnostics(cfg: Config) -> Path:
 def _completed_steps() -> int | None:
     """The optimizer steps completed, from the run's registered TrainState (None before the loop made it)."""
     accelerator = _run() if _run is not None else None
-    for obj in getattr(accelerator, "_custom_objects", ()):
+    for obj in registered_objects(accelerator):
         if isinstance(obj, TrainState):
             return obj.optimizer_step
     return None

@@ -324,7 +324,7 @@ def test_the_restart_ledger_names_the_culprit_and_refuses_the_same_failure_twice
 
 _FORKING_HOLDER = """
 import os, sys, time
-from dist_train.run_lock import RunLock
+from dist_train.checkpoint.run_lock import RunLock
 RunLock(sys.argv[1]).acquire()
 read, write = os.pipe()
 if os.fork() == 0:  # like a DataLoader worker, forked while the lock is held
@@ -340,7 +340,7 @@ time.sleep(300)
 def test_the_run_lock_dies_with_its_holder_not_with_a_forked_child(tmp_path):
     """The main process holds output_dir's lock; a DataLoader worker forked from it must not keep it after
     a SIGKILL, or the restarted main process would find its own output_dir "in use by another run"."""
-    from dist_train.run_lock import RunLock
+    from dist_train.checkpoint.run_lock import RunLock
 
     out = tmp_path / "run"
     holder = subprocess.Popen(

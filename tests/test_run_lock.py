@@ -14,14 +14,12 @@ import time
 
 import pytest
 
-from dist_train import run_lock
+from dist_train.checkpoint import run_lock
+from dist_train.checkpoint.run_lock import LOCK_NAME, RunLock
 from dist_train.errors import UserError
-from dist_train.run_lock import LOCK_NAME, RunLock
 from helpers import REPO
 
-HOLD = (
-    "import sys, time; from dist_train.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(300)"
-)
+HOLD = "import sys, time; from dist_train.checkpoint.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(300)"
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_train.manifest import read_manifest
+from dist_train.checkpoint.manifest import read_manifest
 from helpers import load_weights, run_cli, seed_project_args, write_seed_project
 
 pytest.importorskip("torchdata.stateful_dataloader")
@@ -248,7 +248,7 @@ def test_a_stream_without_a_state_is_still_refused_mid_epoch(project, stopped_mi
     run_cli(_args(project, out, "user", 1, 0, "max_steps=5"))
     step = out / "checkpoints" / "step_00000005"
     (step / "data_state.pt").unlink()
-    from dist_train.manifest import write_manifest
+    from dist_train.checkpoint.manifest import write_manifest
 
     manifest = read_manifest(step)
     write_manifest(step, {k: v for k, v in manifest.items() if k != "files"})

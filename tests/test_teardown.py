@@ -9,7 +9,7 @@ import time
 import pytest
 
 from dist_train import UserError, load_config, train
-from dist_train.run_lock import RunLock
+from dist_train.checkpoint.run_lock import RunLock
 
 NAN_PROJECT = """
 import torch

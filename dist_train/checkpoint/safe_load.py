@@ -16,8 +16,8 @@ from accelerate.utils import load as accelerate_load
 from safetensors import safe_open
 from safetensors.torch import load_model
 
-from .accelerate_internals import set_micro_step
-from .errors import UserError
+from ..accelerate_internals import set_micro_step
+from ..errors import UserError
 
 
 def safe_torch_load(path: Path):

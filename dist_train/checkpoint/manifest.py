@@ -2,7 +2,7 @@
 
 A checkpoint directory is complete exactly when its `manifest.json` exists and every file it lists
 has the listed hash: the manifest is written last, after every other file is on disk, and the
-directory only gets its final name afterwards (see checkpoint.py). `verify` is what `resume` trusts.
+directory only gets its final name afterwards (see manager.py). `verify` is what `resume` trusts.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = ["RunLock", "LOCK_NAME"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 _DCP_PACKAGE = "torch.distributed.checkpoint"
 _ALLOWED = {

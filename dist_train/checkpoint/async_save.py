@@ -4,13 +4,13 @@ At the step boundary every rank hands its RNG states to the main process (one sm
 main process copies the model weights, optimizer state, scheduler state and TrainState off the live
 tensors (into pinned host memory on a GPU, reused from save to save). Training then goes on while a
 background thread writes exactly the files `accelerator.save_state` would (so resuming is the same
-code), then the manifest, the rename and the pruning of `checkpoint.py`, with every crash-safety
+code), then the manifest, the rename and the pruning of `manager.py`, with every crash-safety
 promise of a synchronous save: until the rename the checkpoint is a `.tmp-step_N` folder that resume
 never reads.
 
 Memory: one extra copy of the model and optimizer state on the host, at most: a second save waits for
 the write in flight before it snapshots again. Not for FSDP/DeepSpeed, whose state is sharded or owned
-by the engine (`checkpoint.py` refuses that combination at start).
+by the engine (`manager.py` refuses that combination at start).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import torch
 from accelerate.utils import gather_object
 from accelerate.utils import save as accelerate_save
 
-from .accelerate_internals import micro_step
-from .state import TrainState
+from ..accelerate_internals import micro_step
+from ..state import TrainState
 
 DATA_STATE = "data_state.pt"  # a stream's position (its source's state_dict), only in a mid-epoch checkpoint
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from .config import Config
-from .errors import UserError
+from ..config import Config
+from ..errors import UserError
 
 # key -> why the checkpoint cannot continue with another value
 REFUSED = {

@@ -1,0 +1,229 @@
+"""What `Checkpointer.resume` loads: the checkpoint chosen, checked against this run, then loaded safely.
+
+`Resuming` is the resume half of `Checkpointer` (manager.py), which inherits it: it uses the
+checkpointer's `cfg`, `accelerator`, `state`, `root`, `enabled` and `_position`, and its `_complete`
+(the checkpoints on disk) and `_agree` (every rank learns of a failure on any rank).
+
+The main process chooses and verifies (hashes first, FSDP's sharded state vetted before PyTorch
+unpickles it); every rank then checks the position and the config changes, and loads with
+`weights_only=True` throughout (see safe_load.py and accelerate_internals.py's `safe_custom_state_loader`).
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from pathlib import Path
+
+import yaml
+from accelerate.utils import broadcast_object_list
+
+from ..accelerate_internals import safe_custom_state_loader, set_micro_step
+from ..errors import UserError
+from .async_save import DATA_STATE
+from .dcp_check import check_dcp_folder
+from .manifest import InvalidCheckpoint, read_manifest, verify
+from .resume_policy import check_changes
+from .safe_load import restore_rng, safe_torch_load
+
+# How torch says that a saved state does not fit the object it is loaded into (load_state_dict).
+_MISFIT_SIGNS = (
+    "Error(s) in loading state_dict",
+    "size mismatch",
+    "parameter group",
+    "doesn't match the size",
+    "Missing key",
+    "Unexpected key",
+)
+
+
+def _warn(message: str) -> None:
+    print(f"dist_train: warning: {message}", file=sys.stderr, flush=True)
+
+
+class Resuming:
+    """`Checkpointer.resume` and its checks (see the module docstring for what it uses of the checkpointer)."""
+
+    def resume(self, position=None) -> None:
+        """Load the checkpoint `cfg.resume` names (auto: newest complete one; none: start fresh).
+
+        `position` is where the training data starts each epoch (data.py's EpochSampler or StreamBatches;
+        None: it cannot start mid-epoch); later saves record it too."""
+        self._position = position
+        if not self.enabled:
+            return
+        choice = self._choose() if self.accelerator.is_main_process else None
+        path, manifest, error = broadcast_object_list([choice])[0]
+        if error:
+            raise UserError(error)
+        if path is None:
+            return
+        exact_mid_epoch = position is not None and getattr(position, "exact", True)
+        if hasattr(position, "state_at"):  # a stream: exact only with the state its checkpoint holds
+            exact_mid_epoch = exact_mid_epoch and (Path(path) / DATA_STATE).is_file()
+        self._check_position(path, manifest, exact_mid_epoch, position is not None and position.unit_samples != 1)
+        changes = self._check_config(Path(path))
+        self._load(Path(path), manifest)
+        if self.accelerator.is_main_process:
+            moved = f", written by {manifest['world_size']} processes" if manifest["world_size"] != self.accelerator.num_processes else ""
+            print(
+                f"dist_train: resumed from {path} at optimizer step {self.state.optimizer_step} (epoch "
+                f"{self.state.epoch}, {self.state.samples_consumed} samples into it{moved})",
+                flush=True,
+            )
+            for change in changes:
+                print(f"dist_train: resume: {change} (applied from optimizer step {self.state.optimizer_step + 1} on)", flush=True)
+
+    def _check_config(self, path: Path) -> list[str]:
+        """Refuse a config change the checkpoint cannot continue; the applied changes, one line each."""
+        try:
+            saved = yaml.safe_load((path / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError) as exc:  # manifest-verified, so only a checkpoint of an old format
+            raise UserError(
+                f"checkpoint {path} has no readable config.yaml ({exc}); resume it with the dist_train that wrote it."
+            ) from None
+        return check_changes(saved, self.cfg, str(path))
+
+    def _choose(self) -> tuple[str | None, dict | None, str | None]:
+        """(path, manifest, error), decided on the main process; hashes are verified here."""
+        mode = self.cfg.resume
+        if mode == "never":
+            complete = self._complete()
+            if complete:
+                return (
+                    None,
+                    None,
+                    (
+                        f"resume: never, but {self.root} already holds checkpoints (newest {complete[-1][1].name}) "
+                        "that would mix with this run's. Use resume: auto to continue that run, another output_dir, "
+                        "or delete the folder."
+                    ),
+                )
+            return None, None, None
+        if mode != "auto":
+            try:
+                manifest = verify(Path(mode))
+            except InvalidCheckpoint as exc:
+                return None, None, f"resume: {mode!r} is not a usable checkpoint: {exc}."
+            try:
+                check_dcp_folder(Path(mode))
+            except UserError as exc:
+                return None, None, str(exc)
+            return mode, manifest, None
+        candidates = []
+        for path in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+            # Only `step_*` is a checkpoint: `.tmp-` is a save before its rename (even with a manifest),
+            # `.old-`/`.del-` one being replaced or pruned.
+            if path.is_dir() and path.name.startswith(".tmp-"):
+                _warn(f"resume: auto skips incomplete checkpoint {path}: an interrupted save (never renamed to step_*)")
+            if not path.is_dir() or path.name.startswith("."):
+                continue
+            try:
+                candidates.append((int(read_manifest(path)["step"]), path))
+            except InvalidCheckpoint as exc:
+                _warn(f"resume: auto skips incomplete checkpoint {path}: {exc}")
+        for _, path in sorted(candidates, reverse=True):
+            try:
+                manifest = verify(path)
+            except InvalidCheckpoint as exc:
+                _warn(f"resume: auto skips corrupt checkpoint {path}: {exc}")
+                continue
+            try:
+                check_dcp_folder(path)  # FSDP's sharded state: vetted before PyTorch unpickles it
+            except UserError as exc:  # hashes match, yet it holds code: tampered with, never skipped quietly
+                return None, None, str(exc)
+            return str(path), manifest, None
+        return None, None, None
+
+    def _check_position(self, path: str, manifest: dict, exact_mid_epoch: bool = True, counts_batches: bool = False) -> None:
+        """Same kind of sharding, and a mid-epoch position on a global micro-batch boundary of this run."""
+        was_fsdp, is_fsdp = "FSDP" in manifest["distributed_type"], "FSDP" in str(self.accelerator.distributed_type)
+        if was_fsdp != is_fsdp:
+            raise UserError(
+                f"checkpoint {path} was written {'with' if was_fsdp else 'without'} FSDP and this run is "
+                f"{'' if is_fsdp else 'not '}FSDP; resume it the same way, or `dist-train export` it and start from the weights."
+            )
+        consumed = int(manifest["samples_consumed"])
+        if consumed and not exact_mid_epoch:
+            raise UserError(
+                f"checkpoint {path} stopped {consumed} samples into epoch {manifest['epoch']}, and this run's training data "
+                "(an IterableDataset, or a loader with its own batch_sampler) cannot be restarted at that position: its "
+                "epoch would silently start again. Resume from an epoch-end checkpoint (resume: PATH), save only at "
+                "epoch ends (checkpoint_every: null) with such data, or give the stream (its DataLoader or dataset) "
+                "state_dict() and load_state_dict()."
+            )
+        saved_length, length = manifest.get("dataset_length"), getattr(self._position, "dataset_length", None)
+        if consumed and saved_length is not None and length is not None and int(saved_length) != length:
+            raise UserError(
+                f"checkpoint {path} stopped {consumed} samples into epoch {manifest['epoch']} of a training set of "
+                f"{saved_length} samples, and it now has {length}: the rest of that epoch's order no longer exists. "
+                "Restore the data it was written with, or resume from an epoch-end checkpoint (resume: PATH)."
+            )
+        if consumed and counts_batches and int(manifest["batch_size"]) != self.cfg.batch_size:
+            raise UserError(
+                f"checkpoint {path} stopped mid-epoch with batch_size {manifest['batch_size']}; with your batch_sampler or "
+                f"stream the position is counted in batches of batch_size, so resume with batch_size: {manifest['batch_size']} "
+                "(or from an epoch-end checkpoint)."
+            )
+        global_batch = self.cfg.batch_size * self.accelerator.num_processes
+        if consumed % global_batch:
+            raise UserError(
+                f"checkpoint {path} stopped {consumed} samples into epoch {manifest['epoch']}; this run's global "
+                f"micro-batch ({self.cfg.batch_size} x {self.accelerator.num_processes} processes = {global_batch}) "
+                "does not divide that, so the rest of the epoch cannot be dealt exactly once. Resume with a "
+                "world size or batch_size whose global batch divides it, or from an epoch-end checkpoint (resume: PATH)."
+            )
+        old = int(manifest["batch_size"]) * int(manifest["world_size"]) * int(manifest["grad_accum_steps"])
+        new = global_batch * self.cfg.grad_accum_steps
+        if old != new and self.accelerator.is_main_process:
+            _warn(
+                f"the global batch changes from {old} to {new} samples per optimizer step: the rest of the run takes "
+                "a different number of optimizer steps, and the lr schedule and the step budget (epochs x steps per "
+                "epoch at this world size) count optimizer steps. Scale batch_size to keep it constant."
+            )
+
+    def _load(self, path: Path, manifest: dict) -> None:
+        acc = self.accelerator
+        own_rng = path / f"random_states_{acc.process_index}.pkl"
+        # A rank the saving run did not have takes the RNG of the rank it replaces (index mod old size).
+        rng_file = own_rng if own_rng.is_file() else path / f"random_states_{acc.process_index % manifest['world_size']}.pkl"
+        rng = safe_torch_load(rng_file)  # Accelerate would swallow an unreadable RNG file silently
+        if manifest["samples_consumed"] and hasattr(self._position, "restore"):
+            self._restore_stream(path)
+        try:
+            with safe_custom_state_loader():
+                acc.load_state(str(path))
+        except (UserError, pickle.UnpicklingError) as exc:
+            raise (
+                exc
+                if isinstance(exc, UserError)
+                else UserError(f"checkpoint {path}: refusing to unpickle a file with non-tensor objects ({str(exc).splitlines()[0]}).")
+            ) from None
+        except RuntimeError as exc:
+            if not any(sign in str(exc) for sign in _MISFIT_SIGNS):
+                raise  # not a state that fails to fit (e.g. a collective timeout): keep its traceback
+            raise UserError(f"checkpoint {path} does not fit this run: {str(exc).splitlines()[0]}") from None
+        if not own_rng.is_file():
+            restore_rng(rng, acc)
+        # Checkpoints sit on optimizer-step boundaries: the next micro-batch starts a step, also when
+        # grad_accum_steps changed since (Accelerate's restored micro-step count would be off by it).
+        set_micro_step(acc, 0)
+
+    def _restore_stream(self, path: Path) -> None:
+        """The stream's saved state into its source (main process: it alone reads the stream); all ranks agree."""
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                state = safe_torch_load(path / DATA_STATE)
+                try:
+                    self._position.restore(state)
+                except Exception as exc:  # the user's code: one line naming it, its message kept
+                    first_line = (str(exc).strip().splitlines() or [""])[0]
+                    error = (
+                        f"checkpoint {path}: {self._position.source_name}.load_state_dict() failed on the saved stream "
+                        f"position ({type(exc).__name__}: {first_line}); fix load_state_dict, or resume from an "
+                        "epoch-end checkpoint (resume: PATH)."
+                    )
+            except UserError as exc:
+                error = str(exc)
+        self._agree(error, None)
