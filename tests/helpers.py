@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -56,6 +57,14 @@ def run_cli(
     return result
 
 
+def run_clis(*calls: dict, check: bool = True) -> list[subprocess.CompletedProcess]:
+    """Independent CLI runs at once, each given as run_cli's keyword arguments: one-thread processes, so a
+    lone 1-process run leaves the other cores idle. Each is checked (and fails) as run_cli would."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = [pool.submit(run_cli, **{"check": check, **call}) for call in calls]
+        return [future.result() for future in futures]
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -68,8 +77,13 @@ def load_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(output_dir) / "model.safetensors"))
 
 
-def write_seed_project(folder: Path, num_train: int = 256, num_val: int = 101) -> Path:
-    """A user project in the seed's layout: model.py (MyModel), dataset.py, dataloader.py (get_dataloader)."""
+def write_seed_project(
+    folder: Path, num_train: int = 256, num_val: int = 101, *, ids: bool = False, files: dict[str, str] | None = None
+) -> Path:
+    """A user project in the seed's layout: model.py (MyModel), dataset.py, dataloader.py (get_dataloader).
+
+    ids: each sample carries its index as a last input column (for a model that records what it trains
+    on, e.g. `ids_model()`); files: more files to write beside them, name -> text (e.g. SLOW_MODEL)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.py").write_text(
         textwrap.dedent("""
@@ -103,7 +117,7 @@ def write_seed_project(folder: Path, num_train: int = 256, num_val: int = 101) -
                 return len(self.y)
 
             def __getitem__(self, index):
-                return self.x[index], self.y[index]
+                return {{getitem}}
 
         def make(path):
             g = torch.Generator().manual_seed(0)
@@ -113,7 +127,7 @@ def write_seed_project(folder: Path, num_train: int = 256, num_val: int = 101) -
                 return x, (x @ w).argmax(dim=1)
             tx, ty = split({num_train}); vx, vy = split({num_val})
             torch.save({{"train_x": tx, "train_y": ty, "val_x": vx, "val_y": vy}}, path)
-    ''')
+    ''').replace("{getitem}", GETITEM_WITH_ID if ids else "self.x[index], self.y[index]")
     )
     (folder / "dataloader.py").write_text(
         textwrap.dedent("""
@@ -133,7 +147,55 @@ def write_seed_project(folder: Path, num_train: int = 256, num_val: int = 101) -
         ],
         check=True,
     )
+    for name, text in (files or {}).items():
+        (folder / name).write_text(text)
     return folder
+
+
+GETITEM_WITH_ID = "torch.cat([self.x[index], torch.tensor([float(index)])]), self.y[index]  # last column: the id"
+
+
+def ids_model(dropout: float = 0.0, rng_scale: bool = False) -> str:
+    """model.py for a seed project written with ids=True: MyModel on all columns but the id, which logs the
+    ids it trains on ($IDS_DIR/rank{RANK}.txt, one line per training forward) and SIGKILLs itself at rank 0's
+    $KILL_AT_FORWARD-th training forward (a real crash). dropout: a Dropout before the head (its masks draw
+    from the torch RNG); rng_scale: the input scaled by one draw of the global torch RNG per training
+    forward. Either way a resume must restore that RNG exactly to be bitwise the uninterrupted run."""
+    return textwrap.dedent(f"""
+        import os, signal
+        import torch
+        import torch.nn as nn
+
+        class MyModel(nn.Module):
+            def __init__(self, in_features=16, hidden=32, num_classes=4):
+                super().__init__()
+                self.fc1 = nn.Linear(in_features, hidden)
+                self.act = nn.Tanh()
+                self.drop = {f"nn.Dropout({dropout})" if dropout else "nn.Identity()"}
+                self.fc2 = nn.Linear(hidden, num_classes)
+                self.forwards = 0
+
+            def forward(self, x):
+                features = x[:, :-1]
+                if self.training:
+                    self.forwards += 1
+                    rank = os.environ.get("RANK", "0")
+                    if os.environ.get("IDS_DIR"):
+                        with open(os.path.join(os.environ["IDS_DIR"], f"rank{{rank}}.txt"), "a") as f:
+                            f.write(" ".join(str(int(i)) for i in x[:, -1].tolist()) + "\\n")
+                    if rank == "0" and self.forwards == int(os.environ.get("KILL_AT_FORWARD", "0")):
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    {"features = features * (1 + 0.01 * torch.rand(()))" if rng_scale else "pass"}
+                return self.fc2(self.drop(self.act(self.fc1(features))))
+    """)
+
+
+def read_ids(ids_dir: Path) -> dict[int, list[list[int]]]:
+    """rank -> the ids of each training forward it logged to ids_dir/rank{RANK}.txt, in order."""
+    return {
+        int(p.stem[4:]): [[int(i) for i in line.split()] for line in p.read_text().splitlines() if line]
+        for p in sorted(Path(ids_dir).glob("rank*.txt"))
+    }
 
 
 def seed_project_args(folder: Path, output_dir: Path, *extra: str) -> list[str]:

@@ -13,17 +13,30 @@ import pickle
 import resource
 import shutil
 import subprocess
-import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_train import UserError, load_config, train
-from dist_train.checkpoint.manifest import MANIFEST, read_manifest, verify, write_manifest
-from helpers import cli_command, load_weights, read_metrics, run_cli, seed_project_args, val_records, write_seed_project
+from dist_train import UserError
+from dist_train.manifest import MANIFEST, read_manifest, verify, write_manifest
+from helpers import (
+    assert_weights_equal,
+    cli_command,
+    ids_model,
+    load_weights,
+    read_ids,
+    read_metrics,
+    run_cli,
+    run_clis,
+    seed_project_args,
+    train_in_process,
+    val_records,
+    write_seed_project,
+)
 
 # 1 process: 8 steps/epoch; 2 processes: 4 steps/epoch (batch 8 per process, 2 micro-batches per step).
 EXACT = (
@@ -41,44 +54,11 @@ KILL_AT_FORWARD = {1: 21, 2: 14}  # rank 0's 21st / 14th training forward: insid
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    folder = write_seed_project(tmp_path_factory.mktemp("ckpt_seed"), num_train=128, num_val=40)
-    (folder / "dataset.py").write_text(
-        (folder / "dataset.py")
-        .read_text()
-        .replace(
-            "return self.x[index], self.y[index]",
-            "return torch.cat([self.x[index], torch.tensor([float(index)])]), self.y[index]  # last column: the id",
-        )
+    """The seed project; its model logs the ids it trains on, can SIGKILL itself, and has dropout (which
+    draws from the torch RNG: a resume must restore it exactly)."""
+    return write_seed_project(
+        tmp_path_factory.mktemp("ckpt_seed"), num_train=128, num_val=40, ids=True, files={"model.py": ids_model(dropout=0.25)}
     )
-    (folder / "model.py").write_text(
-        textwrap.dedent('''
-        import os, signal
-        import torch.nn as nn
-
-        class MyModel(nn.Module):
-            """The seed model with dropout; it logs the ids it trains on and can SIGKILL itself (a real crash)."""
-
-            def __init__(self, in_features=16, hidden=32, num_classes=4):
-                super().__init__()
-                self.fc1 = nn.Linear(in_features, hidden)
-                self.act = nn.Tanh()
-                self.drop = nn.Dropout(0.25)  # draws from the torch RNG: a resume must restore it exactly
-                self.fc2 = nn.Linear(hidden, num_classes)
-                self.forwards = 0
-
-            def forward(self, x):
-                if self.training:
-                    self.forwards += 1
-                    rank = os.environ.get("RANK", "0")
-                    if os.environ.get("IDS_DIR"):
-                        with open(os.path.join(os.environ["IDS_DIR"], f"rank{rank}.txt"), "a") as f:
-                            f.write(" ".join(str(int(i)) for i in x[:, -1].tolist()) + "\\n")
-                    if rank == "0" and self.forwards == int(os.environ.get("KILL_AT_FORWARD", "0")):
-                        os.kill(os.getpid(), signal.SIGKILL)
-                return self.fc2(self.drop(self.act(self.fc1(x[:, :-1]))))
-    ''')
-    )
-    return folder
 
 
 def _args(project: Path, out: Path, *extra: str) -> list[str]:
@@ -87,33 +67,17 @@ def _args(project: Path, out: Path, *extra: str) -> list[str]:
 
 def _refused(args: list[str]) -> str:
     """The UserError of a run that must stop before its first step, run in this process (no start-up cost)."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    try:
-        with pytest.raises(UserError) as caught:
-            train(load_config(None, args))
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
-        PartialState._reset_state()
+    with pytest.raises(UserError) as caught:
+        train_in_process(args)
     return str(caught.value)
 
 
 @pytest.fixture(scope="module")
 def reference(project, tmp_path_factory) -> dict[int, Path]:
     """Uninterrupted runs (1 and 2 processes) that the interrupted ones must reproduce bit for bit."""
-    runs = {}
-    for nproc in (1, 2):
-        runs[nproc] = tmp_path_factory.mktemp(f"reference{nproc}") / "run"
-        run_cli(_args(project, runs[nproc], *EXACT), nproc=nproc)
+    runs = {nproc: tmp_path_factory.mktemp(f"reference{nproc}") / "run" for nproc in (1, 2)}
+    run_clis(*({"args": _args(project, out, *EXACT), "nproc": nproc} for nproc, out in runs.items()))
     return runs
-
-
-def _assert_bitwise_equal(run: Path, reference: Path) -> None:
-    got, want = load_weights(run), load_weights(reference)
-    assert got.keys() == want.keys()
-    for name in want:
-        assert torch.equal(got[name], want[name]), f"{name} differs from the uninterrupted run"
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -125,16 +89,15 @@ def test_sigkill_then_resume_is_bitwise_identical(project, reference, tmp_path, 
     assert max(read_manifest(p)["step"] for p in (out / "checkpoints").glob("step_*")) == last_saved
     resumed = run_cli(_args(project, out, *EXACT), nproc=nproc)
     assert f"step_{last_saved:08d} at optimizer step {last_saved} (epoch 1, " in resumed.stdout  # mid-epoch
-    _assert_bitwise_equal(out, reference[nproc])
+    assert_weights_equal(out, reference[nproc])
     # metrics.jsonl continues the run: the killed run's records after the checkpoint are not repeated.
     logged = [r["step"] for r in read_metrics(out) if "val_loss" not in r]
     assert logged == [r["step"] for r in read_metrics(reference[nproc]) if "val_loss" not in r]
 
 
 def _read_ids(ids_dir: Path) -> dict[int, list[int]]:
-    return {
-        int(p.stem[4:]): [int(i) for line in p.read_text().split("\n") if line for i in line.split()] for p in ids_dir.glob("rank*.txt")
-    }
+    """rank -> every id it trained on, in order."""
+    return {rank: [i for batch in batches for i in batch] for rank, batches in read_ids(ids_dir).items()}
 
 
 def _epoch_ids(first: dict, second: dict, first_epoch_rest: int, world_sizes: tuple[int, int]) -> list[list[int]]:
@@ -145,73 +108,114 @@ def _epoch_ids(first: dict, second: dict, first_epoch_rest: int, world_sizes: tu
     return [sorted(epoch0), sorted(epoch1)]
 
 
-@pytest.mark.parametrize("sizes", [(2, 1), (1, 2)])
-def test_resume_on_another_world_size_sees_each_sample_once_per_epoch(project, tmp_path, sizes):
+RESIZES = [(2, 1), (1, 2)]
+RESIZE_COMMON = ("epochs=2", "batch_size=8", "checkpoint_every=1")
+
+
+@pytest.fixture(scope="module")
+def resized(project, tmp_path_factory) -> dict[tuple[int, int], dict]:
+    """Both resizes at once: stopped after 3 steps on one world size, then finished on the other."""
+    cases = {sizes: {"root": tmp_path_factory.mktemp(f"resized{sizes[0]}to{sizes[1]}")} for sizes in RESIZES}
+    for case in cases.values():
+        case["out"], case["ids"] = case["root"] / "run", (case["root"] / "ids0", case["root"] / "ids1")
+        case["ids"][0].mkdir(), case["ids"][1].mkdir()
+    run_clis(
+        *(
+            {"args": _args(project, case["out"], *RESIZE_COMMON, "max_steps=3"), "nproc": sizes[0], "env": {"IDS_DIR": str(case["ids"][0])}}
+            for sizes, case in cases.items()
+        )
+    )
+    # 1 rank x 8, 3 steps = 24 samples in: a global batch of 16 (here 1 rank x 16; 2 x 8 alike) cannot deal the rest exactly.
+    cases[1, 2]["refusal"] = _refused(_args(project, cases[1, 2]["out"], *RESIZE_COMMON, "batch_size=16", "max_steps=null"))
+    # The same global batch as the first run: 2 ranks x 4 = 8; 1 rank x 8 = 8 divides 48 (2 ranks x 8 x 3 steps).
+    second_batch = {(2, 1): "batch_size=8", (1, 2): "batch_size=4"}
+    results = run_clis(
+        *(
+            {
+                "args": _args(project, case["out"], *RESIZE_COMMON, second_batch[sizes], "max_steps=null"),
+                "nproc": sizes[1],
+                "env": {"IDS_DIR": str(case["ids"][1])},
+            }
+            for sizes, case in cases.items()
+        )
+    )
+    for case, result in zip(cases.values(), results):
+        case["resumed"] = result
+    return cases
+
+
+@pytest.mark.parametrize("sizes", RESIZES)
+def test_resume_on_another_world_size_sees_each_sample_once_per_epoch(resized, sizes):
     """Stopped mid-epoch on one world size, finished on the other: the rest of the epoch is exactly what was left."""
-    out, first_ids, second_ids = tmp_path / "run", tmp_path / "ids0", tmp_path / "ids1"
-    first_ids.mkdir(), second_ids.mkdir()
-    common = ("epochs=2", "batch_size=8", "checkpoint_every=1")
-    # 2 ranks x 8: 3 steps = 48 of 128 samples; 1 rank x 8: 3 steps = 24 samples.
-    run_cli(_args(project, out, *common, "max_steps=3"), nproc=sizes[0], env={"IDS_DIR": str(first_ids)})
-    consumed = 3 * 8 * sizes[0]
+    case = resized[sizes]
+    out, (first_ids, second_ids) = case["out"], case["ids"]
+    consumed = 3 * 8 * sizes[0]  # 2 ranks x 8: 3 steps = 48 of 128 samples; 1 rank x 8: 3 steps = 24 samples.
     if sizes == (1, 2):
-        # 24 samples in, a global batch of 16 (here 1 rank x 16; 2 x 8 alike) cannot deal the rest exactly.
-        error = _refused(_args(project, out, *common, "batch_size=16", "max_steps=null"))
-        assert "does not divide" in error and "step_00000003" in error
-        second_batch = "batch_size=4"  # 2 ranks x 4 = 8: same global batch as the first run
-    else:
-        second_batch = "batch_size=8"  # 1 rank x 8 = 8 divides 48
-    resumed = run_cli(_args(project, out, *common, second_batch, "max_steps=null"), nproc=sizes[1], env={"IDS_DIR": str(second_ids)})
-    assert f"written by {sizes[0]} processes" in resumed.stdout
+        assert "does not divide" in case["refusal"] and "step_00000003" in case["refusal"]
+    assert f"written by {sizes[0]} processes" in case["resumed"].stdout
     epochs = _epoch_ids(_read_ids(first_ids), _read_ids(second_ids), 128 - consumed, sizes)
     assert epochs == [list(range(128)), list(range(128))]
     assert [r["epoch"] for r in val_records(out)] == [0, 0, 1] and val_records(out)[-1]["num_processes"] == sizes[1]
 
 
-def test_kill_during_save_keeps_the_previous_checkpoint(project, reference, tmp_path):
-    out, marker = tmp_path / "run", tmp_path / "paused"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIST_TRAIN_TEST_PAUSE_IN_SAVE": f"12:{marker}"}
-    proc = subprocess.Popen(cli_command(_args(project, out, *EXACT)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+KILL_PHASES = ["sync", "files", "manifest", "rename"]  # a synchronous save; an asynchronous write before each part
+
+
+def _kill_during_save(project: Path, root: Path, phase: str) -> dict:
+    """A run paused in the save of step 12 (sync: its files written, no manifest yet; async: training goes on
+    meanwhile, before the write's files, manifest or rename) and SIGKILLed there, then resumed."""
+    out, marker = root / "run", root / "paused"
+    extra = () if phase == "sync" else ("async_checkpoint=true",)
+    spec = f"12:{marker}" if phase in ("sync", "manifest") else f"12:{phase}:{marker}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIST_TRAIN_TEST_PAUSE_IN_SAVE": spec}
+    proc = subprocess.Popen(cli_command(_args(project, out, *EXACT, *extra)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert marker.exists(), "the run never reached the save of step 12"
-        assert (out / "checkpoints" / ".tmp-step_00000012" / "model.safetensors").exists()  # files written, no manifest
+        seen = {"files_without_manifest": (out / "checkpoints" / ".tmp-step_00000012" / "model.safetensors").exists()}
+        if phase != "sync":
+            time.sleep(0.5)  # training goes on meanwhile (until the next save waits for this one)
     finally:
         proc.kill()  # SIGKILL in the middle of the save
         proc.wait()
-    assert not (out / "checkpoints" / "step_00000012").exists()
-    resumed = run_cli(_args(project, out, *EXACT))
+    seen["step_12"] = (out / "checkpoints" / "step_00000012").exists()
+    seen["step_9"] = (out / "checkpoints" / "step_00000009").exists()
+    seen["resumed"] = run_cli(_args(project, out, *EXACT, *extra))
+    seen["tmp_left"] = (out / "checkpoints" / ".tmp-step_00000012").exists()
+    seen["out"] = out
+    return seen
+
+
+@pytest.fixture(scope="module")
+def killed_in_save(project, tmp_path_factory):
+    """The four kill-and-resume runs at once (one thread each); a test gets its own's result or failure."""
+    pool = ThreadPoolExecutor(len(KILL_PHASES))
+    futures = {phase: pool.submit(_kill_during_save, project, tmp_path_factory.mktemp(f"kill_{phase}"), phase) for phase in KILL_PHASES}
+    yield futures
+    pool.shutdown()
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(killed_in_save, reference):
+    seen = killed_in_save["sync"].result()
+    assert seen["files_without_manifest"]  # files written, no manifest
+    assert not seen["step_12"]
+    resumed = seen["resumed"]
     assert "skips incomplete checkpoint" in resumed.stderr and ".tmp-step_00000012" in resumed.stderr
     assert "step_00000009 at optimizer step 9" in resumed.stdout
-    _assert_bitwise_equal(out, reference[1])
-    assert not (out / "checkpoints" / ".tmp-step_00000012").exists()  # cleaned up by the next save
+    assert_weights_equal(seen["out"], reference[1])
+    assert not seen["tmp_left"]  # cleaned up by the next save
 
 
-@pytest.mark.parametrize("phase", ["files", "manifest", "rename"])
-def test_kill_during_an_asynchronous_write_keeps_the_previous_checkpoint(project, reference, tmp_path, phase):
+@pytest.mark.parametrize("phase", KILL_PHASES[1:])
+def test_kill_during_an_asynchronous_write_keeps_the_previous_checkpoint(killed_in_save, reference, phase):
     """async_checkpoint: training goes on while step 12 is written; SIGKILL before its files, its manifest or
     its rename: resume takes step 9, and the final weights are those of the uninterrupted synchronous run."""
-    out, marker = tmp_path / "run", tmp_path / "paused"
-    spec = f"12:{marker}" if phase == "manifest" else f"12:{phase}:{marker}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIST_TRAIN_TEST_PAUSE_IN_SAVE": spec}
-    proc = subprocess.Popen(
-        cli_command(_args(project, out, *EXACT, "async_checkpoint=true")), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert marker.exists(), "the run never reached the write of step 12"
-        time.sleep(0.5)  # training goes on meanwhile (until the next save waits for this one)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert not (out / "checkpoints" / "step_00000012").exists() and (out / "checkpoints" / "step_00000009").exists()
-    resumed = run_cli(_args(project, out, *EXACT, "async_checkpoint=true"))
-    assert "step_00000009 at optimizer step 9" in resumed.stdout
-    _assert_bitwise_equal(out, reference[1])
+    seen = killed_in_save[phase].result()
+    assert not seen["step_12"] and seen["step_9"]
+    assert "step_00000009 at optimizer step 9" in seen["resumed"].stdout
+    assert_weights_equal(seen["out"], reference[1])
 
 
 def _plant_pickle(path: Path, marker: Path) -> None:
@@ -308,7 +312,7 @@ def test_lifecycle_keep_last_keep_best_auto_and_corrupt_checkpoints(project, tmp
 
 
 def test_fast_dev_run_writes_no_checkpoints(project, tmp_path):
-    run_cli(_args(project, tmp_path / "run", "fast_dev_run=2"))
+    train_in_process(_args(project, tmp_path / "run", "fast_dev_run=2"))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -378,8 +382,8 @@ def test_manifest_pieces_catch_a_flipped_byte_anywhere(tmp_path, monkeypatch):
     manifest without pieces falls back to the whole-file SHA-256."""
     import hashlib
 
-    from dist_train.checkpoint import manifest as manifest_module
-    from dist_train.checkpoint.manifest import InvalidCheckpoint
+    from dist_train import manifest as manifest_module
+    from dist_train.manifest import InvalidCheckpoint
 
     monkeypatch.setattr(manifest_module, "PIECE_BYTES", 1000)
     data = os.urandom(3500)
