@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from dist_train import UserError
-from dist_train.manifest import MANIFEST, read_manifest, verify, write_manifest
+from dist_train.checkpoint.manifest import MANIFEST, read_manifest, verify, write_manifest
 from helpers import (
     assert_weights_equal,
     cli_command,
@@ -382,8 +382,8 @@ def test_manifest_pieces_catch_a_flipped_byte_anywhere(tmp_path, monkeypatch):
     manifest without pieces falls back to the whole-file SHA-256."""
     import hashlib
 
-    from dist_train import manifest as manifest_module
-    from dist_train.manifest import InvalidCheckpoint
+    from dist_train.checkpoint import manifest as manifest_module
+    from dist_train.checkpoint.manifest import InvalidCheckpoint
 
     monkeypatch.setattr(manifest_module, "PIECE_BYTES", 1000)
     data = os.urandom(3500)
