@@ -10,7 +10,6 @@ and a resumed run would no longer be bitwise the uninterrupted one.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 import sys
@@ -36,36 +35,9 @@ from dist_train.config import load_config
 from dist_train.data import UserBatches, _with_epoch_sampler, epoch_sampler
 from dist_train.errors import UserError
 from dist_train.user_order import UserOrder, epoch_seed
-from helpers import load_weights, run_cli, write_seed_project
+from helpers import assert_weights_equal, ids_model, import_file, load_weights, read_ids, run_cli, run_clis, write_seed_project
 
 NUM_TRAIN = 200
-
-MODEL = """
-import os, signal
-import torch
-import torch.nn as nn
-
-class MyModel(nn.Module):
-    def __init__(self, in_features=16, hidden=32, num_classes=4):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden)
-        self.act = nn.Tanh()
-        self.fc2 = nn.Linear(hidden, num_classes)
-        self.forwards = 0
-
-    def forward(self, x):
-        scale = 1.0
-        if self.training:
-            self.forwards += 1
-            rank = os.environ.get("RANK", "0")
-            if os.environ.get("IDS_DIR"):
-                with open(os.path.join(os.environ["IDS_DIR"], f"rank{rank}.txt"), "a") as f:
-                    f.write(" ".join(str(int(i)) for i in x[:, -1].tolist()) + "\\n")
-            if rank == "0" and self.forwards == int(os.environ.get("KILL_AT_FORWARD", "0")):
-                os.kill(os.getpid(), signal.SIGKILL)
-            scale = 1 + 0.01 * torch.rand(())  # the global RNG: a resume must find it exactly where it was
-        return self.fc2(self.act(self.fc1(x[:, :-1] * scale)))
-"""
 
 SAMPLERS = '''
 import os, time
@@ -156,19 +128,10 @@ def get_dataloader(cfg, train):
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    folder = write_seed_project(tmp_path_factory.mktemp("sampler_seed"), num_train=NUM_TRAIN, num_val=40)
-    (folder / "dataset.py").write_text(
-        (folder / "dataset.py")
-        .read_text()
-        .replace(
-            "return self.x[index], self.y[index]",
-            "return torch.cat([self.x[index], torch.tensor([float(index)])]), self.y[index]  # last column: the id",
-        )
-    )
-    (folder / "model.py").write_text(MODEL)
-    (folder / "samplers.py").write_text(textwrap.dedent(SAMPLERS))
-    (folder / "dataloader.py").write_text(DATALOADER)
-    return folder
+    """The seed project with ids; its model records them, can SIGKILL itself and draws from the global torch
+    RNG once per training forward (a sampler materialised from that RNG must restore it for a bitwise resume)."""
+    files = {"model.py": ids_model(rng_scale=True), "samplers.py": textwrap.dedent(SAMPLERS), "dataloader.py": DATALOADER}
+    return write_seed_project(tmp_path_factory.mktemp("sampler_seed"), num_train=NUM_TRAIN, num_val=40, ids=True, files=files)
 
 
 def _args(project: Path, out: Path, sampler: str, *extra: str, **data_args) -> list[str]:
@@ -184,37 +147,20 @@ def _args(project: Path, out: Path, sampler: str, *extra: str, **data_args) -> l
     ]
 
 
-def _lines(ids_dir: Path) -> dict[int, list[list[int]]]:
-    """Each rank's forwards, as the list of ids of each."""
-    return {
-        int(p.stem[4:]): [[int(i) for i in line.split()] for line in p.read_text().splitlines()] for p in sorted(ids_dir.glob("rank*.txt"))
-    }
-
-
 def _global(ids_dir: Path) -> list[list[int]]:
     """Global micro-batches: rank 0's k-th batch, then rank 1's, ... (how Accelerate deals them)."""
-    ranks = _lines(ids_dir)
+    ranks = read_ids(ids_dir)
     return [sum((ranks[r][k] for r in sorted(ranks)), []) for k in range(len(ranks[0]))]
 
 
 def _project_module(project: Path, name: str):
     sys.path.insert(0, str(project))  # conftest restores sys.path and forgets the project's modules
-    spec = importlib.util.spec_from_file_location(f"{name}_{id(project)}", project / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_file(project / f"{name}.py", f"{name}_{id(project)}")
 
 
 def _class0(project: Path) -> set[int]:
     y = torch.load(project / "data.pt", weights_only=True)["train_y"]
     return set(torch.nonzero(y == 0).flatten().tolist())
-
-
-def _assert_bitwise(run: Path, reference: Path) -> None:
-    got, want = load_weights(run), load_weights(reference)
-    assert got.keys() == want.keys()
-    for key in want:
-        assert torch.equal(got[key], want[key]), f"{key} differs from the uninterrupted run"
 
 
 # ---- in process: how a user's sampler becomes the epoch's order ----------------------------------------
@@ -389,15 +335,19 @@ KILL_AT_FORWARD = 81  # rank 0's 81st forward (2 per step on 1 and 2 ranks): ins
 @pytest.fixture(scope="module")
 def weighted(project, tmp_path_factory) -> dict[int, Path]:
     """Uninterrupted WeightedRandomSampler runs on 1 and 2 ranks (ids logged to run/ids)."""
-    runs = {}
-    for nproc in (1, 2):
-        runs[nproc] = tmp_path_factory.mktemp(f"weighted{nproc}") / "run"
-        (runs[nproc].parent / "ids").mkdir()
-        run_cli(
-            _args(project, runs[nproc], "weighted", *WEIGHTED, BATCH[nproc], draws=DRAWS),
-            nproc=nproc,
-            env={"IDS_DIR": str(runs[nproc].parent / "ids")},
+    runs = {nproc: tmp_path_factory.mktemp(f"weighted{nproc}") / "run" for nproc in (1, 2)}
+    for out in runs.values():
+        (out.parent / "ids").mkdir()
+    run_clis(
+        *(
+            {
+                "args": _args(project, out, "weighted", *WEIGHTED, BATCH[nproc], draws=DRAWS),
+                "nproc": nproc,
+                "env": {"IDS_DIR": str(out.parent / "ids")},
+            }
+            for nproc, out in runs.items()
         )
+    )
     return runs
 
 
@@ -435,7 +385,7 @@ def test_sigkill_then_resume_with_a_weighted_sampler_is_bitwise_identical(projec
     assert killed.returncode != 0 and not (out / "model.safetensors").exists()
     resumed = run_cli(args, nproc=nproc, env={"IDS_DIR": str(ids)})
     assert "at optimizer step 40 (epoch 1, " in resumed.stdout  # mid-epoch: 10 of its 30 steps done
-    _assert_bitwise(out, weighted[nproc])
+    assert_weights_equal(out, weighted[nproc])
     assert _global(ids) == _global(weighted[nproc].parent / "ids")[80:]  # the rest of the same draws, in order
 
 
@@ -500,7 +450,7 @@ def test_batch_sampler_on_two_ranks_is_dealt_whole_and_resumes_bitwise(project, 
     reference, ids = tmp_path / "reference", tmp_path / "ids"
     ids.mkdir()
     run_cli(_args(project, reference, "buckets", *common), nproc=2, env={"IDS_DIR": str(ids)})
-    ranks = _lines(ids)
+    ranks = read_ids(ids)
     assert ranks[0] == (padded[0] + padded[1])[0::2] and ranks[1] == (padded[0] + padded[1])[1::2]
 
     steps0 = 8
@@ -511,5 +461,5 @@ def test_batch_sampler_on_two_ranks_is_dealt_whole_and_resumes_bitwise(project, 
     assert killed.returncode != 0
     resumed = run_cli(_args(project, out, "buckets", *common), nproc=2, env={"IDS_DIR": str(resumed_ids)})
     assert f"at optimizer step {steps0 + 3} (epoch 1, " in resumed.stdout
-    _assert_bitwise(out, reference)
-    assert _lines(resumed_ids)[0] == ranks[0][len(ranks[0]) - (len(padded[1]) // 2 - 6) :]
+    assert_weights_equal(out, reference)
+    assert read_ids(resumed_ids)[0] == ranks[0][len(ranks[0]) - (len(padded[1]) // 2 - 6) :]
