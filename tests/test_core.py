@@ -14,6 +14,7 @@ from helpers import (
     load_weights,
     read_metrics,
     run_cli,
+    run_clis,
     seed_project_args,
     val_records,
     write_seed_project,
@@ -39,13 +40,30 @@ def test_default_task_reaches_its_accuracy(tmp_path):
     assert (tmp_path / "digits" / "config.yaml").exists()
 
 
+# One run per world size at the same global batch of 16, shared by the tests below.
+COMMON = ("epochs=2", "optimizer=sgd", "lr=0.1", "momentum=0.9", "seed=3")
+
+
+@pytest.fixture(scope="module")
+def one(project, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("one") / "run"
+    run_cli(seed_project_args(project, out, "batch_size=16", *COMMON), nproc=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two(project, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two") / "run"
+    run_cli(seed_project_args(project, out, "batch_size=8", *COMMON), nproc=2)
+    return out
+
+
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_seed_layout_trains_through_the_cli(project, tmp_path, nproc):
-    out = tmp_path / "run"
-    run_cli(seed_project_args(project, out, "epochs=2", "batch_size=16"), nproc=nproc)
+def test_seed_layout_trains_through_the_cli(project, request, nproc):
+    out = request.getfixturevalue({1: "one", 2: "two"}[nproc])  # batch 16 on 1 process, 8 per process on 2
     records = val_records(out)
     assert [r["epoch"] for r in records] == [0, 1]
-    steps_per_epoch = 256 // (16 * nproc)
+    steps_per_epoch = 256 // 16
     assert [r["step"] for r in records] == [steps_per_epoch, 2 * steps_per_epoch]
     for record in records:
         assert record["val_samples"] == 101
@@ -53,19 +71,17 @@ def test_seed_layout_trains_through_the_cli(project, tmp_path, nproc):
         assert {"train_loss", "val_loss", "val_accuracy"} <= record.keys()
     assert sorted(load_weights(out)) == _user_model_keys(project)  # unwrapped: no module. prefixes
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["batch_size"] == 16 and saved["data_args"] == {"data_path": str(project / "data.pt")}
+    assert saved["batch_size"] == 16 // nproc and saved["data_args"] == {"data_path": str(project / "data.pt")}
 
 
-def test_two_ranks_match_one_rank_at_the_same_global_batch(project, tmp_path):
+def test_two_ranks_match_one_rank_at_the_same_global_batch(project, one, two):
     """2 gloo processes x batch 8 ≡ 1 process x batch 16: same sample order, same parameters."""
-    common = ("epochs=2", "optimizer=sgd", "lr=0.1", "momentum=0.9", "seed=3")
-    run_cli(seed_project_args(project, tmp_path / "one", "batch_size=16", *common), nproc=1)
-    run_cli(seed_project_args(project, tmp_path / "two", "batch_size=8", *common), nproc=2)
-    one, two = load_weights(tmp_path / "one"), load_weights(tmp_path / "two")
+    one_out, two_out = one, two
+    one, two = load_weights(one_out), load_weights(two_out)
     initial = load_weights_of_untrained(project)
     assert any(not torch.equal(one[k], initial[k]) for k in one), "training changed nothing"
     assert_weights_equal(two, one, exact=False)
-    assert [r["step"] for r in val_records(tmp_path / "one")] == [r["step"] for r in val_records(tmp_path / "two")]
+    assert [r["step"] for r in val_records(one_out)] == [r["step"] for r in val_records(two_out)]
 
 
 def load_weights_of_untrained(project: Path) -> dict:
@@ -77,8 +93,10 @@ def load_weights_of_untrained(project: Path) -> dict:
 def test_gathered_val_loss_is_the_exact_mean(project, tmp_path):
     """101 validation samples over 2 ranks x batch 8 (padded by Accelerate): same mean as one process."""
     frozen = ("epochs=1", "lr=0", "batch_size=8")  # lr=0: both runs validate the very same weights
-    run_cli(seed_project_args(project, tmp_path / "one", *frozen), nproc=1)
-    run_cli(seed_project_args(project, tmp_path / "two", *frozen), nproc=2)
+    run_clis(
+        {"args": seed_project_args(project, tmp_path / "one", *frozen), "nproc": 1},
+        {"args": seed_project_args(project, tmp_path / "two", *frozen), "nproc": 2},
+    )
     one, two = val_records(tmp_path / "one")[-1], val_records(tmp_path / "two")[-1]
     assert one["val_samples"] == two["val_samples"] == 101
     assert two["num_processes"] == 2
