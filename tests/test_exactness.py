@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ from helpers import (
     load_weights,
     read_metrics,
     run_cli,
+    run_clis,
     seed_project_args,
     val_records,
     write_seed_project,
@@ -51,10 +53,12 @@ def _train_steps(out: Path) -> list[dict]:
 def test_continuing_the_builtin_task_with_more_epochs_is_the_straight_run(tmp_path):
     """`dist-train train epochs=1`, then `epochs=2`: 45 + 45 steps, no NaN, weights bitwise equal."""
     common = ["progress=false", "log_every=1"]
-    run_cli([f"output_dir={tmp_path / 'cont'}", "epochs=1", *common])
-    continued = run_cli([f"output_dir={tmp_path / 'cont'}", "epochs=2", *common])
+    with ThreadPoolExecutor(1) as pool:  # the straight run alongside the other two (one-thread processes)
+        straight = pool.submit(run_cli, [f"output_dir={tmp_path / 'straight'}", "epochs=2", *common])
+        run_cli([f"output_dir={tmp_path / 'cont'}", "epochs=1", *common])
+        continued = run_cli([f"output_dir={tmp_path / 'cont'}", "epochs=2", *common])
+        straight.result()
     assert "resume: epochs: 1 -> 2" in continued.stdout
-    run_cli([f"output_dir={tmp_path / 'straight'}", "epochs=2", *common])
     steps = _train_steps(tmp_path / "cont")
     assert [r["step"] for r in steps] == list(range(1, 91))
     assert [sum(r["epoch"] == e for r in steps) for e in (0, 1)] == [45, 45]
@@ -66,9 +70,11 @@ def test_continuing_the_builtin_task_with_more_epochs_is_the_straight_run(tmp_pa
 def test_continuing_a_per_sample_dataset_run_is_the_straight_run(project, tmp_path):
     """The regular (per-sample Dataset) path, 80 samples at batch 16 x accumulation 2: 3 steps per epoch."""
     common = ("batch_size=16", "grad_accum_steps=2", "seed=2")
-    run_cli(seed_project_args(project, tmp_path / "cont", "epochs=1", *common))
-    run_cli(_auto(seed_project_args(project, tmp_path / "cont", "epochs=3", *common)))
-    run_cli(seed_project_args(project, tmp_path / "straight", "epochs=3", *common))
+    with ThreadPoolExecutor(1) as pool:  # the straight run alongside the other two (one-thread processes)
+        straight = pool.submit(run_cli, seed_project_args(project, tmp_path / "straight", "epochs=3", *common))
+        run_cli(seed_project_args(project, tmp_path / "cont", "epochs=1", *common))
+        run_cli(_auto(seed_project_args(project, tmp_path / "cont", "epochs=3", *common)))
+        straight.result()
     assert_weights_equal(load_weights(tmp_path / "cont"), load_weights(tmp_path / "straight"))
     assert [r["step"] for r in val_records(tmp_path / "cont")] == [3, 6, 9]
 
@@ -166,8 +172,7 @@ def test_accumulation_equals_the_big_batch_on_uneven_data(project, tmp_path, dro
         if not a.startswith("data=")
     ]
     big = [a for a in seed_project_args(project, tmp_path / "big", "batch_size=32", *common) if not a.startswith("data=")]
-    run_cli([*accum, *loader])
-    run_cli([*big, *loader])
+    run_clis({"args": [*accum, *loader]}, {"args": [*big, *loader]})
     assert_weights_equal(tmp_path / "accum", tmp_path / "big", exact=False)
     steps = 2 if drop_last else 3
     assert [r["step"] for r in val_records(tmp_path / "accum")] == [steps, 2 * steps, 3 * steps]
@@ -238,11 +243,13 @@ def test_an_unused_parameter_on_two_ranks_is_named_or_allowed(project, tmp_path)
         a if not a.startswith("model=") else f"model={project / 'unused.py'}:WithUnused"
         for a in seed_project_args(project, out, "epochs=1", "batch_size=8", *extra)
     ]
-    refused = run_cli(args(tmp_path / "refused"), nproc=2, check=False)
+    refused, _ = run_clis(
+        {"args": args(tmp_path / "refused"), "nproc": 2, "check": False},
+        {"args": args(tmp_path / "allowed", "find_unused_parameters=true"), "nproc": 2},
+    )
     assert refused.returncode != 0
     assert "2 parameter(s) got no gradient in the first training step (spare.bias, spare.weight)" in refused.stderr
     assert "Set find_unused_parameters: true" in refused.stderr and "Expected to have finished reduction" not in refused.stderr
-    run_cli(args(tmp_path / "allowed", "find_unused_parameters=true"), nproc=2)
     assert val_records(tmp_path / "allowed")[-1]["num_processes"] == 2
 
 
