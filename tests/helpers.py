@@ -65,6 +65,33 @@ def run_clis(*calls: dict, check: bool = True) -> list[subprocess.CompletedProce
         return [future.result() for future in futures]
 
 
+class start_cli:  # noqa: N801 (used like a function: start_cli(...).result())
+    """run_cli started now, in the background (its environment is this process's as it is now, before an
+    in-process run changes it); result() waits and checks it as run_cli would."""
+
+    def __init__(self, args: list[str], nproc: int = 1, timeout: float = 300, check: bool = True, env: dict | None = None):
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        self.check, self.timeout = check, timeout
+        self.args = cli_command(args, nproc)
+        self.process = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+        self.pool = ThreadPoolExecutor(1)  # reads its pipes meanwhile, so that a full pipe never stalls it
+        self.output = self.pool.submit(self.process.communicate, timeout=timeout)
+
+    def result(self) -> subprocess.CompletedProcess:
+        try:
+            stdout, stderr = self.output.result()
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.communicate()
+            raise
+        finally:
+            self.pool.shutdown()
+        result = subprocess.CompletedProcess(self.args, self.process.returncode, stdout, stderr)
+        if self.check and result.returncode != 0:
+            raise AssertionError(f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-6000:]}")
+        return result
+
+
 def read_metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 

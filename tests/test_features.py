@@ -34,6 +34,7 @@ from helpers import (
     read_metrics,
     run_cli,
     seed_project_args,
+    start_cli,
     train_in_process,
     val_records,
     write_seed_project,
@@ -281,13 +282,14 @@ def _expected_stop_step(values: list[float], patience: int) -> int:
 
 def test_auto_batch_size_and_early_stopping_agree_across_ranks(project, tmp_path):
     # Rank 0 fits 8 samples, rank 1 only 4: both must shrink 16 -> 8 -> 4 together (global batch 8).
-    two = tmp_path / "two"
-    result = run_cli(seed_project_args(project, two, *probe_model(project, oom_above=[8, 4]), *STOPPING), nproc=2)
+    two, one = tmp_path / "two", tmp_path / "one"
+    launched = start_cli(seed_project_args(project, two, *probe_model(project, oom_above=[8, 4]), *STOPPING), nproc=2)
+    # One process fitting 8 samples trains the same global batch of 8 (here, while the 2 ranks run): the same
+    # run, stopped at the same step.
+    train_here(project, one, *probe_model(project, oom_above=[8]), *STOPPING)
+    result = launched.result()
     assert "batch_size 16 does not fit; trying 8" in result.stdout and "batch_size 8 does not fit; trying 4" in result.stdout
     assert yaml.safe_load((two / "config.yaml").read_text())["batch_size"] == 4
-    # One process fitting 8 samples trains the same global batch of 8: the same run, stopped at the same step.
-    one = tmp_path / "one"
-    train_here(project, one, *probe_model(project, oom_above=[8]), *STOPPING)
     assert yaml.safe_load((one / "config.yaml").read_text())["batch_size"] == 8
     for out in (one, two):
         vals = val_records(out)
@@ -352,8 +354,9 @@ def overfit_runs(project, tmp_path_factory) -> dict[int, Path]:
     """overfit_batches: 2 global batches of 8 (16 samples), in bf16, with rank 0's 5th forward (step 5) made NaN."""
     runs = tmp_path_factory.mktemp("runs")
     model = probe_model(project, nan_rank=0, nan_call=5, expect_dtype="bfloat16")
-    run_cli(seed_project_args(project, runs / "two", *model, "batch_size=4", *OVERFIT), nproc=2)
-    train_here(project, runs / "one", *model, "batch_size=8", *OVERFIT)
+    launched = start_cli(seed_project_args(project, runs / "two", *model, "batch_size=4", *OVERFIT), nproc=2)
+    train_here(project, runs / "one", *model, "batch_size=8", *OVERFIT)  # while the 2 ranks run
+    launched.result()
     return {1: runs / "one", 2: runs / "two"}
 
 
@@ -536,8 +539,9 @@ def test_transformers_model_trains_on_one_and_two_ranks(tmp_path):
         "progress=false",
         "resume=never",
     ]
-    run_cli([*args, f"output_dir={tmp_path / 'two'}", "batch_size=4"], nproc=2)
-    train_in_process([*args, f"output_dir={tmp_path / 'one'}", "batch_size=8"])
+    launched = start_cli([*args, f"output_dir={tmp_path / 'two'}", "batch_size=4"], nproc=2)
+    train_in_process([*args, f"output_dir={tmp_path / 'one'}", "batch_size=8"])  # while the 2 ranks run
+    launched.result()
     assert_same_weights(tmp_path / "one", tmp_path / "two")
     for out in (tmp_path / "one", tmp_path / "two"):
         records = log_records(out)
