@@ -39,8 +39,7 @@ def main() -> int:
     parser.add_argument("--keep", help="work in this folder and keep it (default: a temporary one, removed)")
     options = parser.parse_args()
     root = Path(options.keep or tempfile.mkdtemp(prefix="restart-trials-"))
-    project = write_seed_project(root / "project", num_train=256, num_val=32)
-    (project / "slow_model.py").write_text(SLOW_MODEL)
+    project = write_seed_project(root / "project", num_train=256, num_val=32, files={"slow_model.py": SLOW_MODEL})
     args = lambda out: _args(
         project,
         out,

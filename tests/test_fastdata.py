@@ -13,7 +13,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SubsetRand
 from dist_train.config import load_config
 from dist_train.data import EpochSampler, _with_epoch_sampler, epoch_sampler
 from dist_train.fastdata import EpochBatchSampler, TensorBatches, can_use_fast_path
-from helpers import load_weights, run_cli, seed_project_args, write_seed_project
+from helpers import load_weights, run_clis, seed_project_args, write_seed_project
 
 
 class PerSampleDataset(TensorDataset):
@@ -120,9 +120,11 @@ def project(tmp_path_factory):
 def test_two_ranks_train_bitwise_alike_on_both_paths(project, tmp_path):
     """Real gloo ranks: Accelerate deals the fast path's batches exactly as the regular path's."""
     common = ("epochs=2", "batch_size=8", "optimizer=sgd", "lr=0.1", "momentum=0.9", "seed=4")
-    run_cli(seed_project_args(project, tmp_path / "regular", *common), nproc=2)
     fast_args = [a for a in seed_project_args(project, tmp_path / "fast", *common) if not a.startswith("data=")]
-    run_cli([*fast_args, f"data={project / 'tensor_loader.py'}:get_dataloader"], nproc=2)
+    run_clis(
+        {"args": seed_project_args(project, tmp_path / "regular", *common), "nproc": 2},
+        {"args": [*fast_args, f"data={project / 'tensor_loader.py'}:get_dataloader"], "nproc": 2},
+    )
     regular, fast = load_weights(tmp_path / "regular"), load_weights(tmp_path / "fast")
     assert regular.keys() == fast.keys()
     for key in regular:

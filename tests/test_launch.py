@@ -29,9 +29,7 @@ SHELL_SCRIPTS = sorted(
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    folder = write_seed_project(tmp_path_factory.mktemp("seed"), num_train=256, num_val=32)
-    (folder / "slow_model.py").write_text(SLOW_MODEL)
-    return folder
+    return write_seed_project(tmp_path_factory.mktemp("seed"), num_train=256, num_val=32, files={"slow_model.py": SLOW_MODEL})
 
 
 def _slow_args(project: Path, out: Path, delay_s: float, *extra: str) -> list[str]:

@@ -48,10 +48,8 @@ CRASH_MODEL = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    folder = write_seed_project(tmp_path_factory.mktemp("seed"), num_train=256, num_val=32)
-    (folder / "slow_model.py").write_text(SLOW_MODEL)
-    (folder / "crash_model.py").write_text(CRASH_MODEL)
-    return folder
+    files = {"slow_model.py": SLOW_MODEL, "crash_model.py": CRASH_MODEL}
+    return write_seed_project(tmp_path_factory.mktemp("seed"), num_train=256, num_val=32, files=files)
 
 
 def _args(project: Path, out: Path, *extra: str) -> list[str]:

@@ -186,8 +186,7 @@ def slurm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def project(slurm) -> Path:
-    folder = write_seed_project(slurm.workdir / "project", num_train=256, num_val=32)
-    (folder / "slow_model.py").write_text(SLOW_MODEL)
+    folder = write_seed_project(slurm.workdir / "project", num_train=256, num_val=32, files={"slow_model.py": SLOW_MODEL})
     (folder / "run.yaml").write_text(
         textwrap.dedent(f"""
         model: {folder / "slow_model.py"}:SlowModel
