@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_weights_equal, import_file, load_weights, run_cli, val_records
+from helpers import assert_weights_equal, import_file, load_weights, run_clis, val_records
 
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
@@ -106,8 +106,10 @@ def _reference_val_loss(project: Path, out: Path) -> float:
 
 @pytest.mark.parametrize("loss", ["model", "cross_entropy"])
 def test_dict_batches_train_with_the_models_loss_or_a_builtin_one_and_two_ranks_match_one(project, tmp_path, loss):
-    run_cli(_args(project, tmp_path / "one", f"loss={loss}", "batch_size=8"))
-    run_cli(_args(project, tmp_path / "two", f"loss={loss}", "batch_size=4"), nproc=2)
+    run_clis(
+        {"args": _args(project, tmp_path / "one", f"loss={loss}", "batch_size=8")},
+        {"args": _args(project, tmp_path / "two", f"loss={loss}", "batch_size=4"), "nproc": 2},
+    )
     assert_weights_equal(tmp_path / "two", tmp_path / "one", exact=False, rtol=1e-4)
     for out in (tmp_path / "one", tmp_path / "two"):
         final = val_records(out)[-1]
@@ -121,8 +123,10 @@ def test_dict_batches_train_with_the_models_loss_or_a_builtin_one_and_two_ranks_
 
 def test_a_dict_without_labels_and_a_model_without_a_loss_are_named(project, tmp_path):
     (project / "nolabels.py").write_text((project / "hf_project.py").read_text().replace(', "labels": example["label"]', ""))
-    args = [a.replace("hf_project.py:get_dataset", "nolabels.py:get_dataset") for a in _args(project, tmp_path / "a", "epochs=1")]
-    result = run_cli(args, check=False)
+    args = lambda out, *extra: [
+        a.replace("hf_project.py:get_dataset", "nolabels.py:get_dataset") for a in _args(project, out, "epochs=1", *extra)
+    ]
+    # Both at once, each in its own output_dir.
+    result, with_model_loss = run_clis({"args": args(tmp_path / "a")}, {"args": args(tmp_path / "b", "loss=model")}, check=False)
     assert result.returncode == 2 and "yielded a dict without 'labels'" in result.stderr and "loss: model" in result.stderr
-    result = run_cli([*args, "loss=model"], check=False)
-    assert result.returncode == 2 and "without a `loss` tensor" in result.stderr
+    assert with_model_loss.returncode == 2 and "without a `loss` tensor" in with_model_loss.stderr

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from helpers import assert_weights_equal, import_file, load_weights, read_metrics, run_cli, val_records
+from helpers import assert_weights_equal, import_file, load_weights, read_ids, read_metrics, run_clis, val_records
 
 MATRIX_SEED = int(os.environ.get("DIST_TRAIN_MATRIX_SEED", "20250101"))
 MATRIX_SIZE = max(1, int(os.environ.get("DIST_TRAIN_MATRIX_SIZE", "2")))
@@ -329,19 +329,25 @@ class Runs:
         self.root, self.project, self._done = root, project, {}
 
     def get(self, name: str, setup: Setup, *extra: str, out: Path | None = None) -> Run:
-        if name not in self._done:
-            out = out or self.root / name / "run"
-            ids_dir = self.root / name / "ids"
-            ids_dir.mkdir(parents=True, exist_ok=True)
-            result = run_cli(setup.args(self.project, out, *extra), nproc=setup.world_size, env={"IDS_DIR": str(ids_dir)})
-            self._done[name] = Run(out, _read_ids(ids_dir), result.stdout)
-        return self._done[name]
+        return self.get_all((name, setup, *extra), out=out)[0]
 
-
-def _read_ids(ids_dir: Path) -> dict[int, list[list[int]]]:
-    return {
-        int(p.stem[4:]): [[int(i) for i in line.split()] for line in p.read_text().splitlines() if line] for p in ids_dir.glob("rank*.txt")
-    }
+    def get_all(self, *runs: tuple, out: Path | None = None) -> list[Run]:
+        """Each (name, setup, *extra) run; those not made yet are made at the same time (independent runs:
+        one-thread processes, which leave cores idle one at a time)."""
+        missing = {}
+        for name, setup, *extra in runs:
+            if name not in self._done and name not in missing:
+                run_out = out or self.root / name / "run"
+                ids_dir = self.root / name / "ids"
+                ids_dir.mkdir(parents=True, exist_ok=True)
+                missing[name] = (run_out, ids_dir, setup.args(self.project, run_out, *extra), setup.world_size)
+        if missing:
+            results = run_clis(
+                *({"args": args, "nproc": nproc, "env": {"IDS_DIR": str(ids_dir)}} for _, ids_dir, args, nproc in missing.values())
+            )
+            for (name, (run_out, ids_dir, _, _)), result in zip(missing.items(), results):
+                self._done[name] = Run(run_out, read_ids(ids_dir), result.stdout)
+        return [self._done[name] for name, *_ in runs]
 
 
 @pytest.fixture(scope="module")
@@ -414,10 +420,10 @@ def _resume_case(i: int, k: int, what: str):
 
 
 @pytest.mark.parametrize("i,k,what", [_resume_case(*case) for case in RESUME_CASES])
-def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, tmp_path, i, k, what):
+def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, i, k, what):
     setup = RESUME_SETUPS[i]
     reference = _reference(runs, i)
-    resumed = runs.get(f"R{i}-from{k}", setup, f"resume={checkpoint(reference, k)}", out=tmp_path / "resumed")
+    resumed = _resumed(runs, i, reference)[k]
     if k == setup.total_steps:
         assert "nothing to train" in resumed.stdout and not resumed.ids
     else:
@@ -435,16 +441,23 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, tmp_path, i, k, what
     assert [without_train_loss(r) for r in val_records(resumed.out)] == after
 
 
+def _resumed(runs: Runs, i: int, reference: Run) -> dict[int, Run]:
+    """Step k -> the run resumed from the reference's checkpoint of step k; every resume point of setup i is
+    made at the first request, at the same time."""
+    points = [k for j, k, _ in RESUME_CASES if j == i]
+    made = runs.get_all(*((f"R{i}-from{k}", RESUME_SETUPS[i], f"resume={checkpoint(reference, k)}") for k in points))
+    return dict(zip(points, made))
+
+
 MID_EPOCH_CASE = next((i, k) for i, k, what in RESUME_CASES if what.startswith("mid_epoch"))
 
 
 @pytest.mark.parametrize(
     "i,k", [MID_EPOCH_CASE], ids=[_id("R", MID_EPOCH_CASE[0], RESUME_SETUPS[MID_EPOCH_CASE[0]], f"k{MID_EPOCH_CASE[1]}")]
 )
-def test_resumed_runs_validation_record_has_the_epochs_train_loss(runs, tmp_path, i, k):
-    setup = RESUME_SETUPS[i]
+def test_resumed_runs_validation_record_has_the_epochs_train_loss(runs, i, k):
     reference = _reference(runs, i)
-    resumed = runs.get(f"R{i}-from{k}", setup, f"resume={checkpoint(reference, k)}", out=tmp_path / "resumed")
+    resumed = _resumed(runs, i, reference)[k]
     want = {r["step"]: r["train_loss"] for r in val_records(reference.out)}
     for record in val_records(resumed.out):
         assert record["train_loss"] == pytest.approx(want[record["step"]], rel=1e-6), record["step"]
@@ -473,9 +486,12 @@ def _on_ranks(setup: Setup, world_size: int) -> Setup:
     return setup.on(batch_size=setup.batch_size // world_size, world_size=world_size)
 
 
+def _world_run_spec(i: int, world_size: int) -> tuple:
+    return f"W{i}-n{world_size}", _on_ranks(WORLD_SIZE_SETUPS[i][0], world_size)
+
+
 def _world_run(runs: Runs, i: int, world_size: int) -> Run:
-    setup = WORLD_SIZE_SETUPS[i][0]
-    return runs.get(f"W{i}-n{world_size}", _on_ranks(setup, world_size))
+    return runs.get(*_world_run_spec(i, world_size))
 
 
 WORLD_CASES = [(i, n) for i in range(len(WORLD_SIZE_SETUPS)) for n in (2, 3)]
@@ -484,7 +500,7 @@ WORLD_CASES = [(i, n) for i in range(len(WORLD_SIZE_SETUPS)) for n in (2, 3)]
 @pytest.mark.parametrize("i,n", WORLD_CASES, ids=[_id("W", i, WORLD_SIZE_SETUPS[i][0], f"{n}ranks") for i, n in WORLD_CASES])
 def test_n_ranks_are_one_rank_at_the_same_global_batch(runs, i, n):
     setup = WORLD_SIZE_SETUPS[i][0]
-    one, many = _world_run(runs, i, 1), _world_run(runs, i, n)
+    one, many = runs.get_all(*(_world_run_spec(i, world_size) for world_size in (1, n)))  # made at the same time
     assert many.sequence() == one.sequence()  # the same samples in the same optimizer steps
     assert len(one.sequence()) == setup.epochs * setup.epoch_samples
     assert_weights_equal(many.out, one.out, exact=False)  # rtol 1e-5, atol 1e-6
@@ -500,7 +516,7 @@ def test_accumulation_is_the_big_batch(runs, i):
     setup = WORLD_SIZE_SETUPS[i][0]
     big_setup = setup.on(batch_size=setup.batch_size * setup.grad_accum_steps, grad_accum_steps=1)
     assert setup.train_size % big_setup.batch_size  # uneven data: the last step is padded on both sides
-    accumulated, big = _world_run(runs, i, 1), runs.get(f"W{i}-big", big_setup)
+    accumulated, big = runs.get_all(_world_run_spec(i, 1), (f"W{i}-big", big_setup))  # made at the same time
     assert big.sequence() == accumulated.sequence()
     assert_weights_equal(accumulated.out, big.out, exact=False)
     steps = lambda out: [r["step"] for r in read_metrics(out) if "val_loss" not in r]
