@@ -448,16 +448,16 @@ def test_batch_sampler_on_two_ranks_is_dealt_whole_and_resumes_bitwise(project, 
     padded = [draw + draw[:2] for draw in draws]  # wrapped to whole steps of 2 ranks x 2 micro-batches: 32
 
     reference, ids = tmp_path / "reference", tmp_path / "ids"
-    ids.mkdir()
-    run_cli(_args(project, reference, "buckets", *common), nproc=2, env={"IDS_DIR": str(ids)})
+    out, resumed_ids = tmp_path / "run", tmp_path / "resumed_ids"
+    ids.mkdir(), resumed_ids.mkdir()
+    steps0 = 8
+    kill = 2 * (steps0 + 3) + 1  # rank 0's first forward of epoch 1's 4th step; the last save: 3 steps into epoch 1
+    _, killed = run_clis(  # the uninterrupted run and the one to be killed, at once
+        {"args": _args(project, reference, "buckets", *common), "nproc": 2, "env": {"IDS_DIR": str(ids)}},
+        {"args": _args(project, out, "buckets", *common), "nproc": 2, "check": False, "env": {"KILL_AT_FORWARD": str(kill)}},
+    )
     ranks = read_ids(ids)
     assert ranks[0] == (padded[0] + padded[1])[0::2] and ranks[1] == (padded[0] + padded[1])[1::2]
-
-    steps0 = 8
-    out, resumed_ids = tmp_path / "run", tmp_path / "resumed_ids"
-    resumed_ids.mkdir()
-    kill = 2 * (steps0 + 3) + 1  # rank 0's first forward of epoch 1's 4th step; the last save: 3 steps into epoch 1
-    killed = run_cli(_args(project, out, "buckets", *common), nproc=2, check=False, env={"KILL_AT_FORWARD": str(kill)})
     assert killed.returncode != 0
     resumed = run_cli(_args(project, out, "buckets", *common), nproc=2, env={"IDS_DIR": str(resumed_ids)})
     assert f"at optimizer step {steps0 + 3} (epoch 1, " in resumed.stdout
