@@ -17,6 +17,9 @@ on any other version, so an upgrade is a deliberate act: rerun the suite, then w
 - `process_group_timeout`: the `InitProcessGroupKwargs` the Accelerator was made with (`init_handler`).
 - `registered_objects`: `Accelerator._custom_objects`, what `register_for_checkpointing` registered
   (restarts.py reads the TrainState there for the step a failing rank was at).
+- `seed_dispatched_workers`: the DataLoader `DataLoaderDispatcher` builds around a stream
+  (`base_dataloader`) has no generator, so each `iter()` would draw its workers' seed from the global
+  torch RNG, one draw more in a run resumed mid-epoch than in an uninterrupted one.
 - `is_out_of_memory`: `accelerate.utils.memory.should_reduce_batch_size` (not exported by
   `accelerate.utils`), the test `find_executable_batch_size` retries on.
 """
@@ -134,3 +137,10 @@ def registered_objects(accelerator) -> list:
 def is_out_of_memory(exc: Exception) -> bool:
     """Whether `exc` is an out-of-memory error, as `find_executable_batch_size` decides to retry smaller."""
     return should_reduce_batch_size(exc)
+
+
+def seed_dispatched_workers(loader) -> None:
+    """Give the DataLoader that Accelerate's dispatcher rebuilt around a stream a generator of its own."""
+    base = getattr(loader, "base_dataloader", None)
+    if base is not None and base.generator is None:
+        base.generator = torch.Generator()

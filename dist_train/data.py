@@ -23,19 +23,8 @@ Which order:
   and process (`TrainState.samples_consumed`), so the position is `samples_consumed // batch_size`
   batches: a mid-epoch resume needs the `batch_size` the run was started with. `DataLoader(batch_size=None)`
   without a batch_sampler (automatic batching off) is refused: it has no batches to deal.
-- An `IterableDataset` (a stream): Accelerate dispatches it (rank 0 reads the stream through the user's
-  DataLoader and sends each rank its slice of every global batch), so each sample is trained on once per
-  epoch, whatever the world size; its epoch ends when the stream does. One global micro-batch is
-  `world_size` of the user's batches, so after `samples_consumed` the stream has given
-  `samples_consumed // batch_size` batches. `StreamBatches` records the source's `state_dict()` after
-  each batch it yields: the state saved with a checkpoint is the one after exactly the batches trained
-  on, whatever Accelerate and the DataLoader fetched ahead. The source is the DataLoader when it has
-  `state_dict()`/`load_state_dict()` (torchdata's `StatefulDataLoader`: per-worker states), else the
-  dataset when it has them (a user's stateful IterableDataset, a Hugging Face `datasets.IterableDataset`),
-  which with `num_workers > 0` is read through a `StatefulDataLoader` (its workers' states are tracked per
-  batch; without torchdata installed that is refused). A stream without a state cannot continue mid-epoch:
-  such a checkpoint is refused on resume (`Checkpointer._check_position`). Every rank reads the first
-  sample once at start: a stream with nothing in it (on any rank) is refused before training.
+- An `IterableDataset` (a stream): read on rank 0 and dealt to the ranks, its position saved or replayed
+  (streams.py).
 
 The epoch is cut into whole optimizer steps of `batch_size x world_size x grad_accum_steps` samples
 (`world_size x grad_accum_steps` batches on the batch_sampler path): the last, partial step is
@@ -46,17 +35,18 @@ DataLoader says `drop_last=True`. So every optimizer step averages the same numb
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, SequentialSampler, Subset
 
+from .accelerate_internals import seed_dispatched_workers
 from .config import Config
 from .errors import UserError
 from .fastdata import EpochBatchSampler, TensorBatches, already_batched, can_use_fast_path, dataset_tensors
 from .plugins import check_call, resolve
+from .streams import StreamBatches, stream_loader
 from .user_order import UserOrder, epoch_seed
 
 
@@ -181,6 +171,8 @@ def _user_loaders(cfg: Config):
 def _as_loader(obj, cfg: Config, train: bool) -> DataLoader:
     if isinstance(obj, DataLoader):
         return obj
+    if isinstance(obj, IterableDataset):  # a stream (a datasets.IterableDataset too) has its own order: no shuffle=
+        return DataLoader(obj, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
     if isinstance(obj, Dataset) or (hasattr(obj, "__getitem__") and hasattr(obj, "__len__")):
         return DataLoader(obj, batch_size=cfg.batch_size, shuffle=train, num_workers=cfg.num_workers)
     raise UserError(
@@ -210,7 +202,7 @@ def _own_order(sampler, dataset) -> bool | None:
 def _with_epoch_sampler(loader: DataLoader, cfg: Config, world_size: int) -> DataLoader:
     """Rebuild the user's training loader around an EpochSampler, keeping everything else it set."""
     if isinstance(loader.dataset, IterableDataset):
-        return _stream_loader(loader, cfg, world_size)  # a stream: Accelerate dispatches it (see the module docstring)
+        return stream_loader(loader, cfg, world_size)  # a stream: Accelerate dispatches it (streams.py)
     if loader.batch_size is None:
         return _with_user_batches(loader, cfg, world_size)
     shuffle = _own_order(loader.sampler, loader.dataset)
@@ -319,131 +311,6 @@ def epoch_sampler(loader) -> EpochSampler | None:
     return None
 
 
-def _stateful(obj) -> bool:
-    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
-
-
-def _as_is(batch):
-    return batch  # the user's loader has collated it already
-
-
-class StreamBatches(IterableDataset):
-    """The user's streaming DataLoader as a stream of its batches, with the source's state after each one.
-
-    Accelerate's dispatcher reads this on rank 0 (a DataLoader with `batch_size=None`), `world_size`
-    batches per global micro-batch, one micro-batch ahead. `state_at(samples_consumed)` is the source's
-    state after exactly the `samples_consumed // batch_size` batches trained on, whatever was fetched
-    ahead. `source` is what has `state_dict()`/`load_state_dict()`: the loader, else its dataset, else
-    None (the position cannot be saved). The loop calls `set_position` before each epoch, as for an
-    EpochSampler; `restore` loads a checkpoint's state for the next iteration.
-    """
-
-    def __init__(self, loader: DataLoader, seed: int, unit_samples: int, keep: int):
-        self.loader, self.seed, self.unit_samples, self._keep = loader, seed, unit_samples, keep
-        self.source = loader if _stateful(loader) else loader.dataset if _stateful(loader.dataset) else None
-        self.dataset_length = None
-        self.epoch, self.start = 0, 0
-        self._states: dict[int, object] = {}
-
-    @property
-    def exact(self) -> bool:
-        """Whether a mid-epoch position can be saved and continued."""
-        return self.source is not None
-
-    @property
-    def source_name(self) -> str:
-        return type(self.source if self.source is not None else self.loader.dataset).__name__
-
-    def __len__(self) -> int:
-        return len(self.loader)  # TypeError for a stream without a length, as before
-
-    def set_position(self, epoch: int, samples_consumed: int) -> None:
-        self.epoch, self.start = epoch, samples_consumed // self.unit_samples
-        self._states = {self.start: None}
-
-    def restore(self, state) -> None:
-        """Continue from `state` at the next iteration (the source's `load_state_dict`; its errors propagate)."""
-        self.source.load_state_dict(state)
-
-    def state_at(self, samples_consumed: int):
-        """The source's state after the batches `samples_consumed` stands for (main process; None on the others)."""
-        return self._states.get(samples_consumed // self.unit_samples)
-
-    def __iter__(self):
-        return self._batches(self.epoch, self.start)
-
-    def _batches(self, epoch: int, start: int):
-        dataset = self.loader.dataset
-        if hasattr(dataset, "set_epoch"):  # e.g. a shuffled datasets.IterableDataset: its epoch is the run's
-            dataset.set_epoch(epoch)
-        # Worker seeds from the loader's own generator, per epoch: a DataLoader without one draws them from
-        # the global torch RNG at every iter(), and a resumed run has one iter() more mid-epoch.
-        self.loader.generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) ^ 0x5EED_5EED)
-        for index, batch in enumerate(self.loader, start=start + 1):
-            if self.source is not None:
-                self._states[index] = copy.deepcopy(self.source.state_dict())
-                self._states.pop(index - self._keep, None)
-            yield batch
-
-
-def _stream_loader(loader: DataLoader, cfg: Config, world_size: int) -> DataLoader:
-    """The training stream for Accelerate to dispatch: the user's batches through a StreamBatches."""
-    if not _stateful(loader) and _stateful(loader.dataset) and loader.num_workers > 0:
-        loader = _stateful_loader(loader, cfg)
-    _check_stream_not_empty(loader, cfg)
-    # Batches ahead of the step boundary: Accelerate's one micro-batch, plus a step's accumulation.
-    keep = 2 * world_size * (cfg.grad_accum_steps + 2)
-    stream = StreamBatches(loader, cfg.seed, cfg.batch_size, keep)
-    return DataLoader(stream, batch_size=None, collate_fn=_as_is)
-
-
-def _stateful_loader(loader: DataLoader, cfg: Config) -> DataLoader:
-    """A dataset's own state, read by worker processes, is only known per batch through torchdata's loader."""
-    try:
-        from torchdata.stateful_dataloader import StatefulDataLoader
-    except ImportError:
-        raise UserError(
-            f"data: the training {type(loader.dataset).__name__} from {cfg.data!r} has state_dict(), but with "
-            f"num_workers={loader.num_workers} its position lives in the worker processes; `pip install torchdata` "
-            "(dist_train then reads it through a StatefulDataLoader), or set num_workers: 0."
-        ) from None
-    return StatefulDataLoader(
-        loader.dataset,
-        batch_size=loader.batch_size,
-        drop_last=loader.drop_last,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        persistent_workers=loader.persistent_workers,
-        prefetch_factor=loader.prefetch_factor,
-    )
-
-
-def _check_stream_not_empty(loader: DataLoader, cfg: Config) -> None:
-    """Every rank reads the stream's first sample: Accelerate would fail on an empty one with a traceback, and
-    a stream that is empty on some ranks only splits itself by rank (dispatching reads it on rank 0 alone)."""
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
-    empty = next(iter(loader.dataset), _NOTHING) is _NOTHING
-    ranks = [rank for rank, nothing in enumerate(gather_object([empty])) if nothing]
-    if not ranks:
-        return
-    name = type(loader.dataset).__name__
-    if len(ranks) == PartialState().num_processes:
-        raise UserError(f"data: the training {name} from {cfg.data!r} yields nothing; check data_args (e.g. the data path).")
-    raise UserError(
-        f"data: the training {name} from {cfg.data!r} yields nothing on rank(s) {ranks} but data on others: it "
-        "splits itself by rank. dist_train reads a stream on rank 0 and deals every rank its share; yield the "
-        "whole stream on every rank."
-    )
-
-
-_NOTHING = object()
-
-
 def train_position(loader) -> EpochSampler | StreamBatches | None:
     """Where the (prepared) training loader starts its next epoch: its EpochSampler, or its StreamBatches."""
     sampler = epoch_sampler(loader)
@@ -452,10 +319,5 @@ def train_position(loader) -> EpochSampler | StreamBatches | None:
     stream = getattr(loader, "dataset", None)
     if not isinstance(stream, StreamBatches):
         return None
-    # Accelerate's dispatcher (checked against accelerate 1.15) rebuilds its DataLoader without the generator,
-    # so each iter() would draw a seed from the global torch RNG: a resumed run (one iter() more, mid-epoch)
-    # would then drift from an uninterrupted one in dropout and the like.
-    base = getattr(loader, "base_dataloader", None)
-    if base is not None and base.generator is None:
-        base.generator = torch.Generator()
+    seed_dispatched_workers(loader)  # so that a resumed run draws no more from the global torch RNG (dropout)
     return stream

@@ -1,4 +1,4 @@
-"""Streaming data: a user IterableDataset over jsonl shards, without a length, on 1 and 2 ranks.
+"""Streaming data: a user IterableDataset over jsonl shards, without a length or a state, on 1 and 2 ranks.
 
 Accelerate dispatches an IterableDataset: rank 0 reads the stream (its DataLoader workers split the
 shard files) and sends each rank its slice of every global batch, so each sample is read once and
@@ -107,10 +107,12 @@ def test_a_schedule_that_needs_the_length_asks_for_max_steps(project, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "run") if "val_loss" in r][-1] == 10
 
 
-def test_a_mid_epoch_checkpoint_of_a_stream_is_refused_not_restarted(project, tmp_path):
-    """The stream has no saved position: resuming mid-epoch would silently start the epoch again."""
-    out = tmp_path / "run"
-    run_cli(_args(project, out, "batch_size=8", "max_steps=3"))  # ends mid-epoch 0, saves step 3
-    result = run_cli([*_args(project, out, "batch_size=8", "epochs=1")[:-1], "resume=auto"], check=False)
-    assert result.returncode == 2
-    assert "cannot be restarted at that position" in result.stderr and "step_00000003" in result.stderr
+def test_a_stream_without_a_state_resumes_mid_epoch_by_replaying_it(project, tmp_path):
+    """No state_dict(): the resumed run reads epoch 0 again, skips the 3 x 8 samples trained, goes on with the rest."""
+    out, ids_dir = tmp_path / "run", tmp_path / "ids"
+    ids_dir.mkdir()
+    run_cli(_args(project, out, "batch_size=8", "max_steps=3"), env={"IDS_DIR": str(ids_dir)})  # ends mid-epoch 0
+    result = run_cli(_args(project, out, "batch_size=8", "epochs=1", "resume=auto"), env={"IDS_DIR": str(ids_dir)})
+    assert "replaying the first 3 batches of epoch 0 to reach the saved position (it has no state_dict())" in result.stdout
+    seen = collections.Counter(int(i) for p in ids_dir.glob("rank*.txt") for i in p.read_text().split())
+    assert seen == collections.Counter({i: 1 for i in range(TRAIN)})

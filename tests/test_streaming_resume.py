@@ -91,7 +91,41 @@ STREAM_PROJECT = textwrap.dedent('''
         from datasets import load_dataset
         files = [f"{cfg.folder}/{'train' if train else 'val'}{i}.jsonl" for i in range(4)]
         stream = load_dataset("json", data_files=files, split="train", streaming=True)  # 4 shards
+        if train and getattr(cfg, "buffer", 0):  # its state_dict() leaves the buffer out: dist_train replays the epoch
+            stream = stream.shuffle(seed=5, buffer_size=cfg.buffer)
         return DataLoader(stream, batch_size=cfg.batch_size, collate_fn=_collate, num_workers=cfg.num_workers if train else 0)
+
+    class Lines(IterableDataset):
+        """The same shards without a state (dist_train replays the epoch to resume). UNSEEDED: not the same
+        stream twice; SPLIT: rank r reads every r-th file (it splits itself by rank)."""
+
+        def __init__(self, files):
+            self.files = files
+
+        def __iter__(self):
+            import random
+            info = get_worker_info()
+            files = self.files if info is None else self.files[info.id::info.num_workers]
+            if os.environ.get("SPLIT"):
+                files = files[int(os.environ.get("RANK", "0"))::int(os.environ.get("WORLD_SIZE", "1"))]
+            for path in files:
+                with open(path) as f:
+                    lines = f.readlines()
+                if os.environ.get("UNSEEDED"):
+                    random.SystemRandom().shuffle(lines)
+                for line in lines:
+                    record = json.loads(line)
+                    yield torch.tensor(record["x"] + [float(record["id"])]), record["y"]
+
+    def get_plain_dataloader(cfg, train):
+        files = [f"{cfg.folder}/{'train' if train else 'val'}{i}.jsonl" for i in range(4)]
+        return DataLoader(Lines(files), batch_size=cfg.batch_size, num_workers=cfg.num_workers if train else 0)
+
+    def get_stateful_dataloader(cfg, train):
+        """torchdata's StatefulDataLoader: the loader's own state_dict() (per worker) is the position."""
+        from torchdata.stateful_dataloader import StatefulDataLoader
+        files = [f"{cfg.folder}/{'train' if train else 'val'}{i}.jsonl" for i in range(4)]
+        return StatefulDataLoader(Shards(files), batch_size=cfg.batch_size, num_workers=cfg.num_workers if train else 0)
 ''')
 TRAIN, VAL, SHARDS = 64, 12, 4  # 16 samples per shard: whole batches of 4 and 8 per worker, so the stream ends on a step
 # Global batch 8: 8 optimizer steps per epoch, 16 in all. Saves at 5 (epoch 0, 40 samples in) and 10; killed in step 7.
@@ -114,12 +148,21 @@ def project(tmp_path_factory) -> Path:
     return folder
 
 
+LOADERS = {  # source -> (loader function, data_args beyond the folder)
+    "user": ("get_dataloader", ""),  # a stateful IterableDataset (read through a StatefulDataLoader with workers)
+    "hf": ("get_hf_dataloader", ""),  # datasets.IterableDataset: its state_dict()
+    "hf_buffer": ("get_hf_dataloader", ", buffer: 16"),  # shuffled with a buffer: replayed
+    "plain": ("get_plain_dataloader", ""),  # no state: replayed
+    "stateful": ("get_stateful_dataloader", ""),  # the user's own StatefulDataLoader
+}
+
+
 def _args(project: Path, out: Path, source: str, nproc: int, num_workers: int, *extra: str) -> list[str]:
-    loader = "get_dataloader" if source == "user" else "get_hf_dataloader"
+    loader, data_args = LOADERS[source]
     return [
         f"model={project / 'stream.py'}:Model",
         f"data={project / 'stream.py'}:{loader}",
-        f"data_args={{folder: {project}}}",
+        f"data_args={{folder: {project}{data_args}}}",
         f"output_dir={out}",
         "progress=false",
         "resume=auto",
@@ -149,6 +192,12 @@ CASES = [  # (source, processes, num_workers, extra)
     ("user", 2, 2, ()),
     ("hf", 1, 0, ()),
     ("hf", 2, 2, ()),
+    ("hf_buffer", 1, 0, ()),
+    ("hf_buffer", 2, 2, ()),
+    ("plain", 1, 2, ()),
+    ("plain", 2, 0, ()),
+    ("stateful", 1, 2, ()),
+    ("stateful", 2, 2, ()),
 ]
 
 
@@ -191,6 +240,23 @@ def test_sync_and_async_checkpoints_hold_the_same_files_and_resume_alike(project
         weights[mode] = load_weights(out)
     assert names["false"] == names["true"] and "data_state.pt" in names["true"]
     assert all(torch.equal(weights["false"][k], weights["true"][k]) for k in weights["false"])
+
+
+@pytest.mark.parametrize("source, num_workers", [("user", 2), ("hf_buffer", 0), ("stateful", 2)])
+def test_three_ranks_train_each_id_once_per_epoch_across_a_kill(project, tmp_path, source, num_workers):
+    """Global batch 6 does not divide the 64 samples: of the last global batch, 4 samples, one is left out and said
+    (3 processes cannot split 4 evenly, and filling the batch would train samples twice)."""
+    out, ids_killed, ids_resumed = tmp_path / "run", tmp_path / "ids_killed", tmp_path / "ids_resumed"
+    ids_killed.mkdir(), ids_resumed.mkdir()
+    args = [*_args(project, out, source, 3, num_workers), "batch_size=2"]
+    killed = run_cli(args, nproc=3, check=False, env={"KILL_AT_FORWARD": str(KILL_AT_FORWARD), "IDS_DIR": str(ids_killed)})
+    assert killed.returncode != 0
+    resumed = run_cli(args, nproc=3, env={"IDS_DIR": str(ids_resumed)})
+    assert f"at optimizer step {LAST_SAVED} (epoch 0, 30 samples into it" in resumed.stdout
+    for epoch in (0, 1):
+        assert f"epoch {epoch}: the stream's last 1 sample(s) are left out" in resumed.stdout
+    seen = _ids(ids_killed, LAST_SAVED) + _ids(ids_resumed)
+    assert max(seen.values()) == 2 and sum(seen.values()) == 2 * TRAIN - 2  # none twice in an epoch, one left out per epoch
 
 
 def test_another_world_size_continues_the_stream_exactly_once(project, tmp_path):
@@ -253,6 +319,21 @@ def test_a_stream_without_a_state_is_still_refused_mid_epoch(project, stopped_mi
     manifest = read_manifest(step)
     write_manifest(step, {k: v for k, v in manifest.items() if k != "files"})
     _refused(run_cli(_args(project, out, "user", 1, 0), check=False), "cannot be restarted at that position", "state_dict()")
+
+
+def test_a_replayed_stream_that_does_not_repeat_itself_is_refused(project, tmp_path):
+    out = tmp_path / "run"
+    run_cli(_args(project, out, "plain", 1, 0, "max_steps=5"), env={"UNSEEDED": "1"})
+    before = _files(out)
+    result = run_cli(_args(project, out, "plain", 1, 0), check=False, env={"UNSEEDED": "1"})
+    _refused(result, "step_00000005", "gave other batches when epoch 0 was read again", "Lines is not the same stream")
+    assert _files(out) == before
+
+
+def test_a_stream_that_splits_itself_by_rank_is_refused_before_training(project, tmp_path):
+    """Rank 0 reads the stream for every rank: a stream split by rank would lose the other ranks' parts."""
+    result = run_cli(_args(project, tmp_path / "run", "plain", 2, 0), nproc=2, check=False, env={"SPLIT": "1"})
+    _refused(result, "Lines", "starts with other samples on rank(s) [1] than on rank 0", "yield the whole stream")
 
 
 def test_a_map_style_dataset_whose_length_changed_is_refused_mid_epoch(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import traceback
 from pathlib import Path
 
 import yaml
@@ -216,13 +217,17 @@ class Resuming:
             try:
                 state = safe_torch_load(path / DATA_STATE)
                 try:
-                    self._position.restore(state)
-                except Exception as exc:  # the user's code: one line naming it, its message kept
+                    self._position.restore(state)  # load_state_dict(), or replaying the epoch up to the position
+                except UserError as exc:
+                    error = f"checkpoint {path}: {exc}"
+                except Exception as exc:  # the user's code: its traceback, then one line naming it, its message kept
+                    traceback.print_exc()
                     first_line = (str(exc).strip().splitlines() or [""])[0]
+                    replay = self._position.mode == "replay"
                     error = (
-                        f"checkpoint {path}: {self._position.source_name}.load_state_dict() failed on the saved stream "
-                        f"position ({type(exc).__name__}: {first_line}); fix load_state_dict, or resume from an "
-                        "epoch-end checkpoint (resume: PATH)."
+                        f"checkpoint {path}: {self._position.source_name}.{'__iter__' if replay else 'load_state_dict'}() failed "
+                        f"{'replaying the epoch up to' if replay else 'on'} the saved stream position ({type(exc).__name__}: "
+                        f"{first_line}); fix it, or resume from an epoch-end checkpoint (resume: PATH)."
                     )
             except UserError as exc:
                 error = str(exc)

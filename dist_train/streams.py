@@ -1,0 +1,300 @@
+"""Streaming training data (an `IterableDataset`): read once, dealt to the ranks, resumable mid-epoch.
+
+Accelerate dispatches a stream: rank 0 reads it through the user's DataLoader (whose workers split the
+files) and sends each rank its slice of every global batch. So each sample is read once, by one process,
+and trained on by exactly one rank per epoch, whatever the world size; N ranks see the batches one rank
+would, N at a time; the epoch ends when the stream does. Its last global batch is split evenly: where its
+samples do not divide by the processes, the last few (fewer than one per process) are left out of that
+epoch and the run says so. (Accelerate would fill the batch with the epoch's first samples, training them
+twice; an uneven split is no option either: a rank with no sample has no loss for DDP.) One global micro-batch is `world_size` of the user's
+batches, so after `samples_consumed` the stream has given `samples_consumed // batch_size` batches,
+the position a checkpoint records, which any world size can continue at the same batch_size.
+
+How a mid-epoch position is restored (`StreamBatches.mode`):
+- `state`: the loader or its dataset has `state_dict()`/`load_state_dict()` (torchdata's
+  `StatefulDataLoader`, with per-worker states; a user's stateful IterableDataset; a Hugging Face
+  `datasets.IterableDataset`). The state after exactly the batches trained on, whatever Accelerate and
+  the DataLoader fetched ahead, goes into the checkpoint (`data_state.pt`) and is loaded on resume. A
+  stateful dataset read by DataLoader workers is read through a `StatefulDataLoader`, which tracks the
+  workers' states per batch.
+- `replay`: a stream without a state, or one whose state leaves part of its position out (a Hugging
+  Face stream shuffled with a buffer: its `state_dict()` omits the buffer, and loading it refills the
+  buffer from further on, losing the samples that were in it). The checkpoint records how many batches of
+  the epoch were trained on and a fingerprint of the last one; the resumed run reads the epoch again
+  from its start (its `set_epoch` and the workers' seeds are the run's, so a deterministic stream gives
+  the same batches), skips those batches, and checks the fingerprint: a stream that does not repeat
+  itself is refused, not trained on the wrong samples. Exact at the cost of reading the skipped part.
+
+Every rank reads the first sample once at start: a stream that yields nothing (on any rank), or that
+yields different data on different ranks (it splits itself by rank: `split_dataset_by_node`, a rank test
+in `__iter__`; rank 0's reading would deal only its part), is refused before training.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import torch
+from accelerate.utils import find_batch_size, slice_tensors
+from torch.utils.data import DataLoader, IterableDataset
+
+from .config import Config
+from .errors import UserError
+
+
+def stateful(obj) -> bool:
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
+
+
+def fingerprint(obj) -> str:
+    """A digest of a batch (tensors, arrays, numbers and strings, nested): equal batches, equal digests."""
+    digest = hashlib.blake2b(digest_size=16)
+    _feed(digest, obj)
+    return digest.hexdigest()
+
+
+def _feed(digest, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        tensor = obj.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, np.ndarray):
+        digest.update(f"A{obj.dtype}{obj.shape}".encode())
+        digest.update(np.ascontiguousarray(obj).view(np.uint8))
+    elif isinstance(obj, Mapping):
+        digest.update(b"{")
+        for key in obj:
+            _feed(digest, key)
+            _feed(digest, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        digest.update(b"[")
+        for item in obj:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(obj).__name__}:{obj!r}".encode())
+
+
+def state_misses_buffer(dataset) -> bool:
+    """Whether `dataset` is a Hugging Face `datasets.IterableDataset` shuffled with a buffer, whose
+    `state_dict()` leaves the buffer's contents out (datasets only warns, and refills it on load)."""
+    pending = [getattr(dataset, "_ex_iterable", None)]
+    while pending:
+        node = pending.pop()
+        if node is None:
+            continue
+        if type(node).__name__ == "BufferShuffledExamplesIterable":
+            return True
+        pending.append(getattr(node, "ex_iterable", None))
+        pending.extend(getattr(node, "ex_iterables", None) or ())
+    return False
+
+
+class StreamBatches(IterableDataset):
+    """The user's streaming DataLoader as a stream of its batches, with its position after each one.
+
+    Accelerate's dispatcher reads this on rank 0 (a DataLoader with `batch_size=None`), `world_size`
+    batches per global micro-batch, one micro-batch ahead. `state_at(samples_consumed)` is the position
+    after exactly the `samples_consumed // batch_size` batches trained on, whatever was fetched ahead:
+    the source's state (`mode == "state"`), or the batch count and the last batch's fingerprint
+    (`"replay"`). The loop calls `set_position` before each epoch, as for an EpochSampler; `restore`
+    loads a checkpoint's position for the next iteration.
+    """
+
+    def __init__(self, loader: DataLoader, seed: int, unit_samples: int, processes: int, keep: int):
+        self.loader, self.seed, self.unit_samples, self.processes, self._keep = loader, seed, unit_samples, processes, keep
+        source = loader if stateful(loader) else loader.dataset if stateful(loader.dataset) else None
+        self.mode = "replay" if source is None or state_misses_buffer(loader.dataset) else "state"
+        self.source = source if self.mode == "state" else None
+        self.dataset_length = None
+        self.epoch, self.start = 0, 0
+        self._positions: dict[int, object] = {}
+        self._held: tuple[tuple[int, int], Iterator] | None = None  # a replayed epoch, read up to the saved position
+
+    exact = True  # a mid-epoch position can always be saved and continued (or the resume refused, never restarted)
+
+    @property
+    def source_name(self) -> str:
+        return type(self.source if self.source is not None else self.loader.dataset).__name__
+
+    def __len__(self) -> int:
+        return len(self.loader)  # TypeError for a stream without a length: the loop then counts no epoch length
+
+    def set_position(self, epoch: int, samples_consumed: int) -> None:
+        self.epoch, self.start = epoch, samples_consumed // self.unit_samples
+        self._positions = {self.start: None}
+
+    def state_at(self, samples_consumed: int):
+        """The position after the batches `samples_consumed` stands for (main process; None on the others)."""
+        batches = samples_consumed // self.unit_samples
+        position = self._positions.get(batches)
+        if self.mode == "replay" and position is not None:
+            return {"replay": {"epoch": self.epoch, "batches": batches, "fingerprint": position}}
+        return position
+
+    def restore(self, state) -> None:
+        """Continue from a checkpoint's position at the next iteration. A source's `load_state_dict` errors
+        propagate; a replayed epoch that does not repeat its batches is a UserError."""
+        if self.mode == "state":
+            if isinstance(state, dict) and "replay" in state:
+                raise UserError(
+                    f"its stream position was saved by replaying (the stream had no complete state_dict() then), and this "
+                    f"run's {self.source_name} has one; resume with the data it was written with, or from an epoch-end checkpoint."
+                )
+            self.source.load_state_dict(state)
+            return
+        if not (isinstance(state, dict) and "replay" in state):
+            raise UserError(
+                f"its stream position is a {self.source_name} state_dict(), and this run's stream is replayed "
+                f"({self._why_replay()}); resume with the data it was written with, or from an epoch-end checkpoint."
+            )
+        saved = state["replay"]
+        epoch, batches = int(saved["epoch"]), int(saved["batches"])
+        print(
+            f"dist_train: replaying the first {batches} batches of epoch {epoch} to reach the saved position ({self._why_replay()})",
+            flush=True,
+        )
+        iterator = self._read(epoch, first=1)
+        last = None
+        for _ in range(batches):
+            _, _, last = next(iterator, (None, None, None))
+        if last != saved["fingerprint"]:
+            raise UserError(
+                f"its stream gave other batches when epoch {epoch} was read again (batch {batches} differs from the one "
+                f"trained on), so the rest of the epoch cannot be found: the {self.source_name} is not the same stream each "
+                "time it is read for an epoch (unseeded randomness, changed files). Make it deterministic (seed it from "
+                "set_epoch()), give it state_dict()/load_state_dict(), or resume from an epoch-end checkpoint (resume: PATH)."
+            )
+        self._held = ((epoch, batches), iterator)
+
+    def _why_replay(self) -> str:
+        if state_misses_buffer(self.loader.dataset):
+            return "its state_dict() leaves the shuffle buffer out"
+        return "it has no state_dict()"
+
+    def __iter__(self):
+        held, self._held = self._held, None
+        if held is not None and held[0] == (self.epoch, self.start):
+            batches = held[1]
+        elif self.mode == "replay":
+            batches = self._read(self.epoch, first=1)
+            for _ in range(self.start):  # the checkpoint's position, reached without a restore (not expected)
+                next(batches, None)
+        else:
+            batches = self._read(self.epoch, first=self.start + 1)
+        for index, batch, position in self._evened(batches):
+            self._positions[index] = position
+            self._positions.pop(index - self._keep, None)
+            yield batch
+
+    def _read(self, epoch: int, first: int) -> Iterator[tuple[int, object, object]]:
+        """The user's batches of `epoch`, numbered from `first`, each with the position right after it."""
+        dataset = self.loader.dataset
+        if hasattr(dataset, "set_epoch"):  # e.g. a shuffled datasets.IterableDataset: its epoch is the run's
+            dataset.set_epoch(epoch)
+        # Worker seeds from the loader's own generator, per epoch: a DataLoader without one draws them from
+        # the global torch RNG at every iter(), and a resumed run has one iter() more mid-epoch.
+        self.loader.generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) ^ 0x5EED_5EED)
+        for index, batch in enumerate(self.loader, start=first):
+            position = copy.deepcopy(self.source.state_dict()) if self.mode == "state" else fingerprint(batch)
+            yield index, batch, position
+
+    def _evened(self, batches: Iterator[tuple]) -> Iterator[tuple]:
+        """`batches`, the epoch's last global batch cut to a multiple of the processes.
+
+        Accelerate's dispatcher splits each group of `processes` batches evenly between the ranks and fills
+        a last group that does not split evenly with samples from the epoch's start, which would train
+        those twice. Instead its last samples (fewer than one per process) are left out, and said."""
+        group: list[tuple] = []
+        for item in batches:
+            if len(group) == self.processes:  # a full group, and the stream goes on: it is not the last
+                yield from group
+                group = []
+            group.append(item)
+        total = sum(find_batch_size(batch) for _, batch, _ in group)
+        cut = total % self.processes
+        if cut:
+            print(
+                f"dist_train: epoch {self.epoch}: the stream's last {cut} sample(s) are left out: its last global batch of "
+                f"{total} samples does not split evenly over {self.processes} processes (filling it would train samples twice)",
+                flush=True,
+            )
+        while cut:
+            index, batch, position = group.pop()
+            size = find_batch_size(batch)
+            if size > cut:
+                group.append((index, slice_tensors(batch, slice(0, size - cut)), position))
+            cut = max(cut - size, 0)
+        yield from group
+
+
+def stream_loader(loader: DataLoader, cfg: Config, world_size: int) -> DataLoader:
+    """The training stream for Accelerate to dispatch: the user's batches through a StreamBatches."""
+    if not stateful(loader) and stateful(loader.dataset) and loader.num_workers > 0 and not state_misses_buffer(loader.dataset):
+        loader = _stateful_loader(loader, cfg)
+    _check_stream(loader, cfg)
+    # Batches read ahead of the step boundary: a step's accumulation, Accelerate's one micro-batch ahead, and
+    # the one group `_evened` holds back.
+    keep = 2 * world_size * (cfg.grad_accum_steps + 3)
+    stream = StreamBatches(loader, cfg.seed, cfg.batch_size, world_size, keep)
+    return DataLoader(stream, batch_size=None, collate_fn=_as_is)
+
+
+def _as_is(batch):
+    return batch  # the user's loader has collated it already
+
+
+def _stateful_loader(loader: DataLoader, cfg: Config) -> DataLoader:
+    """A dataset's own state, read by worker processes, is only known per batch through torchdata's loader."""
+    try:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+    except ImportError:
+        raise UserError(
+            f"data: the training {type(loader.dataset).__name__} from {cfg.data!r} has state_dict(), but with "
+            f"num_workers={loader.num_workers} its position lives in the worker processes; `pip install torchdata` "
+            "(dist_train then reads it through a StatefulDataLoader), or set num_workers: 0."
+        ) from None
+    return StatefulDataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        drop_last=loader.drop_last,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        persistent_workers=loader.persistent_workers,
+        prefetch_factor=loader.prefetch_factor,
+    )
+
+
+def _check_stream(loader: DataLoader, cfg: Config) -> None:
+    """Every rank reads the stream's first sample: Accelerate would fail on an empty one with a traceback, and
+    a stream that differs by rank splits itself (rank 0 alone reads it: the other ranks' parts would be lost)."""
+    from accelerate.utils import gather_object
+
+    first = next(iter(loader.dataset), _NOTHING)
+    prints = gather_object([None if first is _NOTHING else fingerprint(first)])
+    empty = [rank for rank, digest in enumerate(prints) if digest is None]
+    name = type(loader.dataset).__name__
+    if len(empty) == len(prints):
+        raise UserError(f"data: the training {name} from {cfg.data!r} yields nothing; check data_args (e.g. the data path).")
+    if empty:
+        raise UserError(
+            f"data: the training {name} from {cfg.data!r} yields nothing on rank(s) {empty} but data on others: it "
+            "splits itself by rank. dist_train reads a stream on rank 0 and deals every rank its share; yield the "
+            "whole stream on every rank."
+        )
+    differ = [rank for rank, digest in enumerate(prints) if digest != prints[0]]
+    if differ:
+        raise UserError(
+            f"data: the training {name} from {cfg.data!r} starts with other samples on rank(s) {differ} than on rank 0: "
+            "it splits itself by rank (split_dataset_by_node, a rank test in __iter__) or draws unseeded randomness. "
+            "dist_train reads a stream on rank 0 and deals every rank its share, so the other ranks' parts would be "
+            "lost; yield the whole stream, the same on every rank."
+        )
+
+
+_NOTHING = object()
