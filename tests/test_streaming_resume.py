@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from dist_train.checkpoint.manifest import read_manifest
-from helpers import load_weights, run_cli, seed_project_args, write_seed_project
+from helpers import load_weights, run_cli, run_clis, seed_project_args, write_seed_project
 
 pytest.importorskip("torchdata.stateful_dataloader")
 
@@ -204,14 +204,16 @@ CASES = [  # (source, processes, num_workers, extra)
 @pytest.mark.parametrize("source, nproc, num_workers, extra", CASES, ids=lambda v: str(v))
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(project, tmp_path, source, nproc, num_workers, extra):
     reference, out = tmp_path / "reference", tmp_path / "run"
-    run_cli(_args(project, reference, source, nproc, num_workers, *extra), nproc=nproc)
     ids_killed, ids_resumed = tmp_path / "ids_killed", tmp_path / "ids_resumed"
     ids_killed.mkdir(), ids_resumed.mkdir()
-    killed = run_cli(
-        _args(project, out, source, nproc, num_workers, *extra),
-        nproc=nproc,
-        check=False,
-        env={"KILL_AT_FORWARD": str(KILL_AT_FORWARD), "IDS_DIR": str(ids_killed)},
+    _, killed = run_clis(  # the uninterrupted run beside the one that is killed
+        {"args": _args(project, reference, source, nproc, num_workers, *extra), "nproc": nproc},
+        {
+            "args": _args(project, out, source, nproc, num_workers, *extra),
+            "nproc": nproc,
+            "check": False,
+            "env": {"KILL_AT_FORWARD": str(KILL_AT_FORWARD), "IDS_DIR": str(ids_killed)},
+        },
     )
     assert killed.returncode != 0 and not (out / "model.safetensors").exists()
     saved = out / "checkpoints" / f"step_{LAST_SAVED:08d}"
@@ -228,16 +230,18 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(project, tmp_path, s
 
 
 def test_sync_and_async_checkpoints_hold_the_same_files_and_resume_alike(project, tmp_path):
-    names, weights = {}, {}
-    for mode in ("false", "true"):
-        out, ids_dir = tmp_path / mode, tmp_path / f"ids_{mode}"
-        ids_dir.mkdir()
-        run_cli(_args(project, out, "user", 1, 2, "max_steps=5", f"async_checkpoint={mode}"), env={"IDS_DIR": str(ids_dir)})
-        names[mode] = set(read_manifest(out / "checkpoints" / "step_00000005")["files"])
-        resumed = run_cli(_args(project, out, "user", 1, 2, f"async_checkpoint={mode}"), env={"IDS_DIR": str(ids_dir)})
-        assert "at optimizer step 5 (epoch 0, 40 samples into it" in resumed.stdout
-        assert _ids(ids_dir) == collections.Counter({i: 2 for i in range(TRAIN)})
-        weights[mode] = load_weights(out)
+    modes = ("false", "true")
+    for mode in modes:
+        (tmp_path / f"ids_{mode}").mkdir()
+    env = {mode: {"IDS_DIR": str(tmp_path / f"ids_{mode}")} for mode in modes}
+    run_clis(*({"args": _args(project, tmp_path / m, "user", 1, 2, "max_steps=5", f"async_checkpoint={m}"), "env": env[m]} for m in modes))
+    names = {m: set(read_manifest(tmp_path / m / "checkpoints" / "step_00000005")["files"]) for m in modes}
+    resumed = run_clis(*({"args": _args(project, tmp_path / m, "user", 1, 2, f"async_checkpoint={m}"), "env": env[m]} for m in modes))
+    weights = {}
+    for mode, result in zip(modes, resumed):
+        assert "at optimizer step 5 (epoch 0, 40 samples into it" in result.stdout
+        assert _ids(tmp_path / f"ids_{mode}") == collections.Counter({i: 2 for i in range(TRAIN)})
+        weights[mode] = load_weights(tmp_path / mode)
     assert names["false"] == names["true"] and "data_state.pt" in names["true"]
     assert all(torch.equal(weights["false"][k], weights["true"][k]) for k in weights["false"])
 
