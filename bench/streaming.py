@@ -8,8 +8,9 @@ one process, one thread. The seed arm is the loop a user writes over `DataLoader
 dist_train arm is `dist_train.train` on the same dataset, model and optimizer. Both are timed by
 `bench.arms.StepClock` (the optimizer-step hook), first window excluded, in alternating pairs.
 `--stateful` gives the dataset `state_dict()`/`load_state_dict()`, so dist_train records the stream's
-position after every batch (what makes a mid-epoch resume exact); the report also times one
-`state_dict()` copy and one `load_state_dict()` of that position.
+position after every batch (what makes a mid-epoch resume exact); without it dist_train records a
+fingerprint of every batch instead (a resume replays the epoch and checks it). The report also times
+one `state_dict()` copy, one `load_state_dict()` and one batch fingerprint.
 """
 
 from __future__ import annotations
@@ -163,6 +164,17 @@ def state_costs(files_json: Path, repeats: int = 1000) -> tuple[float, float]:
     return save_s, (time.perf_counter() - start) / repeats
 
 
+def fingerprint_cost(repeats: int = 1000) -> float:
+    """Seconds to fingerprint one batch, the position a stream without a state records (streams.replay)."""
+    from dist_train.streams import fingerprint
+
+    batch = (torch.randn(BATCH, FEATURES), torch.randint(0, CLASSES, (BATCH,)))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fingerprint(batch)
+    return (time.perf_counter() - start) / repeats
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
@@ -185,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"throughput dist_train / seed: {median(ratios):.3f} (pairs: {', '.join(f'{r:.3f}' for r in ratios)})")
         save_s, load_s = state_costs(files_json)
         print(f"stream position: state_dict copy {save_s * 1e6:.1f} µs, load_state_dict {load_s * 1e6:.1f} µs")
+        print(f"replayed stream (no state): fingerprint of a batch {fingerprint_cost() * 1e6:.1f} µs")
     return 0
 
 

@@ -290,6 +290,14 @@ def _check_value(name: str, value: Any) -> Any:
     # bool is an int subclass, so `epochs: true` must be caught explicitly.
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):
         raise UserError(f"Config key {name!r} has value {value!r} of type {type(value).__name__}; expected {base.__name__}.")
+    if base is dict:
+        for key, item in value.items():
+            # YAML reads `{path:/data}` (no space after the colon) as one key `path:/data` with no value.
+            if item is None and isinstance(key, str) and ":" in key:
+                head, _, rest = key.partition(":")
+                raise UserError(
+                    f"Config key {name!r} has the key {key!r} with no value: YAML needs a space after the colon; write {{{head}: {rest}}}."
+                )
     if f.metadata["choices"] and value not in f.metadata["choices"]:
         raise UserError(f"Config key {name!r} has value {value!r}; expected one of {', '.join(f.metadata['choices'])}.")
     if base is float and not math.isfinite(value):

@@ -45,6 +45,7 @@ def test_int_is_accepted_for_float():
         ("lr_schedule=step", "expected one of constant, linear, cosine"),
         ("epochs", "Override 'epochs' is not of the form key=value"),
         ("model=null", "Config key 'model' may not be null; expected str."),
+        ("data_args={path:/data}", "the key 'path:/data' with no value: YAML needs a space after the colon; write {path: /data}."),
     ],
 )
 def test_bad_values_are_named(override, expected):
