@@ -177,8 +177,8 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
     accelerator.register_for_checkpointing(state)
     checkpointer = Checkpointer(cfg, accelerator, state, model, optimizer.accelerated, scheduler)
     teardown.callback(checkpointer.close)  # a background checkpoint write finishes on every exit
-    # Before anything reads `state` (progress bar, profiler, the stop test). Mid-epoch only where the position
-    # can be restored (a stream without a saved state would silently start its epoch again).
+    # Before anything reads `state` (progress bar, profiler, the stop test). A mid-epoch position is restored
+    # exactly or refused (never an epoch silently started again): the order's offset, or the stream's position.
     checkpointer.resume(sampler)
     apply_config(optimizer.stepped, scheduler.scheduler, cfg)  # a resumed run follows this config's lr, not the checkpoint's
     if accelerator.is_main_process:  # only now: a refused resume leaves the previous run's config.yaml as it was
@@ -202,15 +202,7 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
     guard = NonfiniteGuard(cfg, accelerator, model)
     unused = UnusedParameterCheck(cfg, accelerator, model)
     micro_batch_samples = cfg.batch_size * accelerator.num_processes
-    progress = teardown.enter_context(
-        tqdm(
-            total=total_steps if math.isfinite(total_steps) else None,
-            initial=state.optimizer_step,
-            unit="step",
-            dynamic_ncols=True,
-            disable=not (accelerator.is_main_process and cfg.progress and os.isatty(1)),
-        )
-    )
+    progress = teardown.enter_context(_progress_bar(cfg, accelerator, total_steps, state.optimizer_step))
     teardown.enter_context(torch.autograd.detect_anomaly() if cfg.detect_anomaly else contextlib.nullcontext())
     profiler = teardown.enter_context(StepProfiler(cfg.profile_steps, out, accelerator.process_index, accelerator.device))
     profiler.start_at(state.optimizer_step)
@@ -306,6 +298,16 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
         print(f"dist_train: finished at optimizer step {state.optimizer_step}" + (f": {summary}" if summary else ""))
         print(f"dist_train: outputs in {out.resolve()} (config.yaml, metrics.jsonl, model.safetensors)")
     return validator.last
+
+
+def _progress_bar(cfg: Config, accelerator: Accelerator, total_steps: float, initial: int) -> tqdm:
+    return tqdm(
+        total=total_steps if math.isfinite(total_steps) else None,  # a stream without a length: no total
+        initial=initial,
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (accelerator.is_main_process and cfg.progress and os.isatty(1)),
+    )
 
 
 def _end_trackers(accelerator: Accelerator) -> None:
