@@ -18,6 +18,9 @@ SLOW_MODULES = {
     "test_hf_batches",
     "test_bench",
 }
+# Run alone after the rest, which runs on two pytest workers (tests/run.sh): their checks race real clocks
+# (hang and startup timeouts, signals, SLURM's scheduler) that a test running beside them would slow.
+SERIAL_MODULES = {"test_slurm", "test_watchdog", "test_launch", "test_restart"}
 SLOW_FIXTURES = {"two_process_run", "overfit_runs", "reference@test_checkpoint"}
 SLOW_TESTS = {
     # test_launch: real launches
@@ -69,6 +72,8 @@ def pytest_collection_modifyitems(config, items):
         gpu = any("GPU" in str(mark.kwargs.get("reason", "")) for mark in item.iter_markers("skipif"))
         if module == "test_slurm":
             item.add_marker(pytest.mark.slurm)
+        if module in SERIAL_MODULES:
+            item.add_marker(pytest.mark.serial)
         if gpu:
             item.add_marker(pytest.mark.gpu)
         fixtures = set(getattr(item, "fixturenames", ())) | {f"{name}@{module}" for name in getattr(item, "fixturenames", ())}

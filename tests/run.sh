@@ -23,4 +23,12 @@ if [ "${1:-}" = "--fast" ]; then
   shift
   exec python -m pytest -m "not slow and not slurm and not gpu" "$@"
 fi
-exec python -m pytest "$@"
+# The whole suite: most tests run one single-threaded process at a time, so two pytest workers (a test
+# file each) use both cores; the `serial` tests (real timeouts and signals, SLURM) then run alone.
+# Exit status 5 is "no test selected" (a -k that matches only one part).
+status=0
+python -m pytest -n 2 --dist loadfile -m "not serial" "$@" || status=$?
+[ "$status" = 0 ] || [ "$status" = 5 ] || exit "$status"
+status=0
+python -m pytest -m serial "$@" || status=$?
+[ "$status" = 0 ] || [ "$status" = 5 ] || exit "$status"

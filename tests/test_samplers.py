@@ -409,6 +409,21 @@ def test_subset_sampler_trains_on_exactly_its_subset(project, tmp_path, nproc):
         assert got == list(sampler)
 
 
+def test_subset_sampler_on_three_ranks_is_its_draw_padded_to_whole_steps(project, tmp_path):
+    """3 ranks x 2: the 20 ids of an epoch's draw, dealt 6 per global micro-batch, the last step completed with
+    the draw's first 4 (the map-style padding rule), so each subset id is trained on and nothing outside it."""
+    out, ids = tmp_path / "run", tmp_path / "ids"
+    ids.mkdir()
+    run_cli(_args(project, out, "subset", "epochs=2", "batch_size=2", "seed=3"), nproc=3, env={"IDS_DIR": str(ids)})
+    micro = _global(ids)
+    assert len(micro) == 8 and all(len(b) == 6 for b in micro)  # 24 per epoch: 4 micro-batches of 6
+    sampler = SubsetRandomSampler(list(range(3, NUM_TRAIN, 10)))
+    for epoch in range(2):
+        sampler.generator = torch.Generator().manual_seed(epoch_seed(3, epoch))
+        draw = list(sampler)
+        assert sum(micro[4 * epoch : 4 * epoch + 4], []) == draw + draw[:4]
+
+
 def test_custom_sampler_is_honoured(project, tmp_path):
     out, ids = tmp_path / "run", tmp_path / "ids"
     ids.mkdir()
