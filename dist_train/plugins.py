@@ -28,9 +28,7 @@ def resolve(spec: str, key: str) -> Callable:
         path = Path(module_part).expanduser().resolve()
         if not path.is_file():
             raise UserError(f"{key}: file {module_part!r} in {spec!r} does not exist (relative paths start at {Path.cwd()}).")
-        # The seed's model.py / dataloader.py import their siblings (`from dataset import MyDataset`).
-        if str(path.parent) not in sys.path:
-            sys.path.insert(0, str(path.parent))
+        _import_siblings_from(path.parent)
         name = f"_dist_train_user_{path.stem}_{abs(hash(str(path)))}"
         module = sys.modules.get(name)
         if module is None:
@@ -56,6 +54,19 @@ def resolve(spec: str, key: str) -> Callable:
     except AttributeError:
         public = sorted(n for n in vars(module) if not n.startswith("_"))
         raise UserError(f"{key}: {module_part!r} has no attribute {attr!r} (it has: {', '.join(public[:12])}).") from None
+
+
+def _import_siblings_from(folder: Path) -> None:
+    """Make `folder`'s files win the user's sibling imports (`from dataset import MyDataset`), as in a fresh
+    process: its folder goes first on sys.path, and a module of the same name cached from another folder
+    (an earlier in-process run of another project) is dropped, not silently reused."""
+    if str(folder) in sys.path:
+        sys.path.remove(str(folder))
+    sys.path.insert(0, str(folder))
+    for name, module in list(sys.modules.items()):
+        origin = getattr(module, "__file__", None)
+        if "." not in name and origin and (folder / f"{name}.py").is_file() and Path(origin).resolve().parent != folder:
+            del sys.modules[name]
 
 
 def check_call(fn: Callable, kwargs: dict, what: str, fix: str, *args) -> None:

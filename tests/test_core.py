@@ -165,3 +165,18 @@ def test_per_token_loss_is_averaged_per_sample_exactly(tmp_path, nproc):
         accuracy = (logits.argmax(-1) == tags).float().mean().item()
     assert abs(final["val_loss"] - reference) <= 1e-6 * reference
     assert abs(final["val_accuracy"] - accuracy) <= 1e-6  # float32 per-sample fractions (k/3)
+
+
+def test_two_projects_in_one_process_each_import_their_own_siblings(tmp_path):
+    """`train` twice in one process (a notebook, a sweep) on two projects whose files share names: the
+    second project's `from dataset import ...` must get its own dataset.py, not the first one's cached."""
+    from dist_train.plugins import resolve
+
+    for value in (1, 2):
+        folder = tmp_path / f"project{value}"
+        folder.mkdir()
+        (folder / "dataset.py").write_text(f"VALUE = {value}\n")
+        (folder / "dataloader.py").write_text("from dataset import VALUE\n\ndef get_value():\n    return VALUE\n")
+    assert resolve(f"{tmp_path / 'project1' / 'dataloader.py'}:get_value", "data")() == 1
+    assert resolve(f"{tmp_path / 'project2' / 'dataloader.py'}:get_value", "data")() == 2
+    assert resolve(f"{tmp_path / 'project1' / 'dataloader.py'}:get_value", "data")() == 1  # cached by path: unchanged
