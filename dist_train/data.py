@@ -24,7 +24,8 @@ Which order:
   batches: a mid-epoch resume needs the `batch_size` the run was started with. `DataLoader(batch_size=None)`
   without a batch_sampler (automatic batching off) is refused: it has no batches to deal.
 - An `IterableDataset` (a stream): read on rank 0 and dealt to the ranks, its position saved or replayed
-  (streams.py).
+  (streams.py); one already split per rank is read by each rank, its own part, and not split again
+  (training and validation alike: `prepare_loaders`).
 
 The epoch is cut into whole optimizer steps of `batch_size x world_size x grad_accum_steps` samples
 (`world_size x grad_accum_steps` batches on the batch_sampler path): the last, partial step is
@@ -46,7 +47,7 @@ from .config import Config
 from .errors import UserError
 from .fastdata import EpochBatchSampler, TensorBatches, already_batched, can_use_fast_path, dataset_tensors
 from .plugins import check_call, resolve
-from .streams import StreamBatches, stream_loader
+from .streams import StreamBatches, split_by_rank, stream_loader
 from .user_order import UserOrder, epoch_seed
 
 
@@ -297,7 +298,36 @@ def build_loaders(cfg: Config, world_size: int) -> tuple[DataLoader, DataLoader]
     _check_not_empty(val_loader, cfg, False)
     if cfg.overfit_batches:
         train_loader, val_loader = _overfit_loaders(train_loader, cfg, world_size)
-    return _with_epoch_sampler(train_loader, cfg, world_size), val_loader
+    train_loader = _with_epoch_sampler(train_loader, cfg, world_size)
+    if world_size > 1 and isinstance(val_loader.dataset, IterableDataset):
+        val_loader.per_rank = split_by_rank(val_loader, cfg, "validation")
+    return train_loader, val_loader
+
+
+def prepare_loaders(accelerator, *objects) -> list:
+    """`accelerator.prepare(*objects)`, except a stream already split per rank (`per_rank`): each rank reads its
+    own part, moved to its device, never dispatched from rank 0 nor split again (that would lose data)."""
+    from accelerate.data_loader import prepare_data_loader
+
+    shared = [obj for obj in objects if not getattr(obj, "per_rank", False)]
+    prepared = iter(accelerator.prepare(*shared) if len(shared) > 1 else [accelerator.prepare(*shared)])
+    result = []
+    for obj in objects:
+        if not getattr(obj, "per_rank", False):
+            result.append(next(prepared))
+            continue
+        own = prepare_data_loader(
+            obj,
+            accelerator.device,
+            num_processes=1,
+            process_index=0,
+            put_on_device=True,
+            dispatch_batches=False,
+            non_blocking=accelerator.non_blocking,
+        )
+        own.per_rank = True
+        result.append(own)
+    return result
 
 
 def epoch_sampler(loader) -> EpochSampler | None:

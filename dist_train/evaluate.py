@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import reduce
 
 from .batches import batch_size_of, call_model, split_batch
 from .errors import UserError
@@ -52,6 +53,17 @@ def evaluate(model, loader, loss: Loss, accelerator: Accelerator, data_spec: str
     (e.g. the one a model computes) counts once per sample of its batch; in a padded last batch it is
     recomputed over the real rows, so the duplicates never weigh in.
     """
+    per_rank = getattr(loader, "per_rank", False)
+    if per_rank:
+        # Each rank's own part of a split stream, of its own length: no collective per batch (gather_for_metrics,
+        # DDP's buffer broadcast in forward) that a rank with fewer batches would leave waiting; the sums are
+        # added over the ranks once, at the end.
+        if "FSDP" in str(accelerator.distributed_type):
+            raise UserError(
+                f"data: the validation stream from {data_spec!r} is split per rank, and an FSDP model's forward is "
+                "collective (every rank at every batch); yield the whole validation stream on every rank instead."
+            )
+        model = accelerator.unwrap_model(model)  # keeps mixed precision's autocast
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     hits = torch.zeros((), dtype=torch.float64, device=accelerator.device)
@@ -67,7 +79,7 @@ def evaluate(model, loader, loss: Loss, accelerator: Accelerator, data_spec: str
         outputs = call_model(model, inputs)
         size = batch_size_of(inputs, targets)
         per_sample = loss.per_sample(outputs, targets, size)
-        if _padded_round(accelerator) and not loss.returns_per_sample(outputs, targets):
+        if not per_rank and _padded_round(accelerator) and not loss.returns_per_sample(outputs, targets):
             # A batch mean over the last round, which Accelerate padded with duplicates: the mean of this
             # rank's real rows alone, from one more forward that every rank makes (DDP/FSDP forwards are
             # collective); on a rank with no real row its value is dropped by gather_for_metrics anyway.
@@ -82,10 +94,15 @@ def evaluate(model, loader, loss: Loss, accelerator: Accelerator, data_spec: str
             if classification
             else per_sample
         )
-        per_sample, correct = accelerator.gather_for_metrics((per_sample, correct))
+        if not per_rank:
+            per_sample, correct = accelerator.gather_for_metrics((per_sample, correct))
         loss_sum += per_sample.double().sum()
         hits += correct.double().sum()
         num_samples += per_sample.numel()
+    if per_rank:
+        totals = torch.stack([loss_sum, hits, torch.tensor(float(num_samples), dtype=torch.float64, device=loss_sum.device)])
+        loss_sum, hits, count = reduce(totals, reduction="sum")
+        num_samples = int(count.item())
     model.train()
     if num_samples == 0:
         raise UserError(

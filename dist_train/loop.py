@@ -35,7 +35,7 @@ from .batches import call_model, split_batch
 from .checkpoint import Checkpointer
 from .checkpoint.run_lock import RunLock
 from .config import Config, resolve_modes
-from .data import build_loaders, train_position
+from .data import build_loaders, prepare_loaders, train_position
 from .errors import UserError
 from .loss import Loss
 from .metrics import MetricsLogger, check_trackers_installed
@@ -116,7 +116,7 @@ def _build(cfg: Config, accelerator: Accelerator) -> tuple:
     fused = can_fuse(model, cfg.mixed_precision, accelerator.distributed_type)  # torch's fused optimizer where it is exact
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.weight_decay, cfg.momentum, fused=fused)
     train_loader, val_loader = build_loaders(cfg, accelerator.num_processes)
-    prepared = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    prepared = prepare_loaders(accelerator, model, optimizer, train_loader, val_loader)  # accelerator.prepare; per-rank streams as they are
     fix_ddp_bucket_order(prepared[0])  # so a resumed run reduces exactly as an uninterrupted one
     return prepared
 

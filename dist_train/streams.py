@@ -25,9 +25,15 @@ How a mid-epoch position is restored (`StreamBatches.mode`):
   the same batches), skips those batches, and checks the fingerprint: a stream that does not repeat
   itself is refused, not trained on the wrong samples. Exact at the cost of reading the skipped part.
 
-Every rank reads the first sample once at start: a stream that yields nothing (on any rank), or that
-yields different data on different ranks (it splits itself by rank: `split_dataset_by_node`, a rank test
-in `__iter__`; rank 0's reading would deal only its part), is refused before training.
+A stream that is already split per rank (`split_dataset_by_node`, files chosen by rank in `__iter__`) is
+not split again: every rank reads the first sample once at start, and where the ranks' first samples
+differ, each rank trains on its own part (`per_rank`), read by itself and never dispatched (dispatching
+would train rank 0's part alone and lose the others'). Its parts rarely have the same length, and DDP
+needs every rank at every step, so the ranks agree before each micro-batch that all of them have one: the
+epoch ends when the first rank runs out, and the samples the other ranks still held are counted and said
+("left out"), never trained twice or silently dropped. Its position is per rank (each rank's state or
+replay count), so a mid-epoch checkpoint continues on the same world size only (a clear error on another;
+an epoch-end one on any). A stream that yields nothing on some rank is refused before training.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch
-from accelerate.utils import find_batch_size, slice_tensors
+from accelerate import PartialState
+from accelerate.utils import find_batch_size, gather, slice_tensors
 from torch.utils.data import DataLoader, IterableDataset
 
 from .config import Config
@@ -103,8 +110,11 @@ class StreamBatches(IterableDataset):
     loads a checkpoint's position for the next iteration.
     """
 
-    def __init__(self, loader: DataLoader, seed: int, unit_samples: int, processes: int, keep: int):
-        self.loader, self.seed, self.unit_samples, self.processes, self._keep = loader, seed, unit_samples, processes, keep
+    def __init__(self, loader: DataLoader, seed: int, batch_size: int, processes: int, keep: int, per_rank: bool = False):
+        self.loader, self.seed, self.processes, self._keep, self.per_rank = loader, seed, processes, keep, per_rank
+        # The loop counts batch_size x processes samples per global micro-batch: one user batch per rank of a
+        # per-rank stream, `processes` batches of the one stream otherwise.
+        self.unit_samples = batch_size * processes if per_rank else batch_size
         source = loader if stateful(loader) else loader.dataset if stateful(loader.dataset) else None
         self.mode = "replay" if source is None or state_misses_buffer(loader.dataset) else "state"
         self.source = source if self.mode == "state" else None
@@ -127,7 +137,8 @@ class StreamBatches(IterableDataset):
         self._positions = {self.start: None}
 
     def state_at(self, samples_consumed: int):
-        """The position after the batches `samples_consumed` stands for (main process; None on the others)."""
+        """The position after the batches `samples_consumed` stands for (this rank's for a per-rank stream;
+        otherwise the main process's, None on the others)."""
         batches = samples_consumed // self.unit_samples
         position = self._positions.get(batches)
         if self.mode == "replay" and position is not None:
@@ -184,7 +195,7 @@ class StreamBatches(IterableDataset):
                 next(batches, None)
         else:
             batches = self._read(self.epoch, first=self.start + 1)
-        for index, batch, position in self._evened(batches):
+        for index, batch, position in self._agreed(batches) if self.per_rank else self._evened(batches):
             self._positions[index] = position
             self._positions.pop(index - self._keep, None)
             yield batch
@@ -200,6 +211,28 @@ class StreamBatches(IterableDataset):
         for index, batch in enumerate(self.loader, start=first):
             position = copy.deepcopy(self.source.state_dict()) if self.mode == "state" else fingerprint(batch)
             yield index, batch, position
+
+    def _agreed(self, batches: Iterator[tuple]) -> Iterator[tuple]:
+        """A per-rank stream's batches while every rank has one: the epoch ends for all when the first rank
+        runs out (DDP would wait forever on it), and the samples the others still held are counted and said."""
+        device = PartialState().device  # NCCL reduces CUDA tensors, gloo CPU ones
+        left = 0
+        for item in batches:
+            if not _every_rank(True, device):
+                left = find_batch_size(item[1]) + sum(find_batch_size(batch) for _, batch, _ in batches)
+                break
+            yield item
+        else:
+            _every_rank(False, device)  # this rank ran out: the others stop at the same micro-batch
+        counts = [int(n) for n in gather(torch.tensor([left], device=device)).tolist()]
+        if any(counts) and PartialState().is_main_process:
+            held = ", ".join(f"rank {rank}: {n}" for rank, n in enumerate(counts) if n)
+            print(
+                f"dist_train: epoch {self.epoch}: the per-rank stream ran out first on rank(s) "
+                f"{[rank for rank, n in enumerate(counts) if not n]}; the {sum(counts)} sample(s) the other ranks still held "
+                f"are left out of this epoch ({held}): the ranks step together, so an epoch is as long as its shortest part",
+                flush=True,
+            )
 
     def _evened(self, batches: Iterator[tuple]) -> Iterator[tuple]:
         """`batches`, the epoch's last global batch cut to a multiple of the processes.
@@ -234,12 +267,14 @@ def stream_loader(loader: DataLoader, cfg: Config, world_size: int) -> DataLoade
     """The training stream for Accelerate to dispatch: the user's batches through a StreamBatches."""
     if not stateful(loader) and stateful(loader.dataset) and loader.num_workers > 0 and not state_misses_buffer(loader.dataset):
         loader = _stateful_loader(loader, cfg)
-    _check_stream(loader, cfg)
+    per_rank = split_by_rank(loader, cfg, "training")
     # Batches read ahead of the step boundary: a step's accumulation, Accelerate's one micro-batch ahead, and
     # the one group `_evened` holds back.
     keep = 2 * world_size * (cfg.grad_accum_steps + 3)
-    stream = StreamBatches(loader, cfg.seed, cfg.batch_size, world_size, keep)
-    return DataLoader(stream, batch_size=None, collate_fn=_as_is)
+    stream = StreamBatches(loader, cfg.seed, cfg.batch_size, world_size, keep, per_rank=per_rank)
+    batches = DataLoader(stream, batch_size=None, collate_fn=_as_is)
+    batches.per_rank = per_rank  # data.prepare_loaders: a per-rank stream is not dispatched by Accelerate
+    return batches
 
 
 def _as_is(batch):
@@ -270,9 +305,10 @@ def _stateful_loader(loader: DataLoader, cfg: Config) -> DataLoader:
     )
 
 
-def _check_stream(loader: DataLoader, cfg: Config) -> None:
-    """Every rank reads the stream's first sample: Accelerate would fail on an empty one with a traceback, and
-    a stream that differs by rank splits itself (rank 0 alone reads it: the other ranks' parts would be lost)."""
+def split_by_rank(loader: DataLoader, cfg: Config, split: str) -> bool:
+    """Whether the stream is already split per rank. Every rank reads its first sample: the same everywhere
+    is one stream (dispatched from rank 0); differing, each rank's own part. Nothing on some rank is refused
+    for training (its epochs would be empty, and Accelerate fails on an empty stream with a traceback)."""
     from accelerate.utils import gather_object
 
     first = next(iter(loader.dataset), _NOTHING)
@@ -280,21 +316,37 @@ def _check_stream(loader: DataLoader, cfg: Config) -> None:
     empty = [rank for rank, digest in enumerate(prints) if digest is None]
     name = type(loader.dataset).__name__
     if len(empty) == len(prints):
-        raise UserError(f"data: the training {name} from {cfg.data!r} yields nothing; check data_args (e.g. the data path).")
-    if empty:
+        raise UserError(f"data: the {split} {name} from {cfg.data!r} yields nothing; check data_args (e.g. the data path).")
+    if empty and split == "training":
         raise UserError(
-            f"data: the training {name} from {cfg.data!r} yields nothing on rank(s) {empty} but data on others: it "
-            "splits itself by rank. dist_train reads a stream on rank 0 and deals every rank its share; yield the "
-            "whole stream on every rank."
+            f"data: the training {name} from {cfg.data!r} yields nothing on rank(s) {empty} but data on others: it is "
+            "split by rank into fewer parts than there are processes (e.g. fewer files than ranks), so every epoch "
+            "would end before its first step. Split it into at least as many parts as processes, or yield the whole "
+            "stream on every rank (dist_train then deals it)."
         )
-    differ = [rank for rank, digest in enumerate(prints) if digest != prints[0]]
-    if differ:
+    if all(digest == prints[0] for digest in prints):
+        return False
+    # Differing first samples are a split, or a whole stream in unseeded random order (each rank would then
+    # train on all of it): read again, an unseeded stream starts elsewhere.
+    again = next(iter(loader.dataset), _NOTHING)
+    again = None if again is _NOTHING else fingerprint(again)
+    unseeded = [rank for rank, same in enumerate(gather_object([again == prints[PartialState().process_index]])) if not same]
+    if unseeded:
         raise UserError(
-            f"data: the training {name} from {cfg.data!r} starts with other samples on rank(s) {differ} than on rank 0: "
-            "it splits itself by rank (split_dataset_by_node, a rank test in __iter__) or draws unseeded randomness. "
-            "dist_train reads a stream on rank 0 and deals every rank its share, so the other ranks' parts would be "
-            "lost; yield the whole stream, the same on every rank."
+            f"data: the {split} {name} from {cfg.data!r} starts with another sample each time it is read on rank(s) "
+            f"{unseeded} (unseeded randomness: a shuffle or augmentation without a seed), so dist_train cannot tell "
+            "whether it is split per rank or the whole stream in a random order, which every rank would train on. "
+            "Seed its randomness (from set_epoch() and the rank, if it splits itself by rank)."
         )
+    return True
+
+
+def _every_rank(have: bool, device) -> bool:
+    """Whether every rank has a next batch (a collective: each rank calls it once per micro-batch, and once more
+    at its end)."""
+    flag = torch.tensor([1 if have else 0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 _NOTHING = object()

@@ -15,6 +15,7 @@ SLOW_MODULES = {
     "test_promise_matrix_e2e",
     "test_samplers",
     "test_streaming_resume",
+    "test_split_streams",
     "test_hf_batches",
     "test_bench",
 }

@@ -96,8 +96,8 @@ STREAM_PROJECT = textwrap.dedent('''
         return DataLoader(stream, batch_size=cfg.batch_size, collate_fn=_collate, num_workers=cfg.num_workers if train else 0)
 
     class Lines(IterableDataset):
-        """The same shards without a state (dist_train replays the epoch to resume). UNSEEDED: not the same
-        stream twice; SPLIT: rank r reads every r-th file (it splits itself by rank)."""
+        """The same shards without a state (dist_train replays the epoch to resume). UNSEEDED=1: not the same
+        stream twice (lines shuffled without a seed); UNSEEDED=noise: unseeded augmentation."""
 
         def __init__(self, files):
             self.files = files
@@ -106,15 +106,15 @@ STREAM_PROJECT = textwrap.dedent('''
             import random
             info = get_worker_info()
             files = self.files if info is None else self.files[info.id::info.num_workers]
-            if os.environ.get("SPLIT"):
-                files = files[int(os.environ.get("RANK", "0"))::int(os.environ.get("WORLD_SIZE", "1"))]
             for path in files:
                 with open(path) as f:
                     lines = f.readlines()
-                if os.environ.get("UNSEEDED"):
+                if os.environ.get("UNSEEDED") == "1":
                     random.SystemRandom().shuffle(lines)
                 for line in lines:
                     record = json.loads(line)
+                    if os.environ.get("UNSEEDED") == "noise":  # unseeded augmentation
+                        record["x"][0] += random.SystemRandom().gauss(0, 0.01)
                     yield torch.tensor(record["x"] + [float(record["id"])]), record["y"]
 
     def get_plain_dataloader(cfg, train):
@@ -334,10 +334,11 @@ def test_a_replayed_stream_that_does_not_repeat_itself_is_refused(project, tmp_p
     assert _files(out) == before
 
 
-def test_a_stream_that_splits_itself_by_rank_is_refused_before_training(project, tmp_path):
-    """Rank 0 reads the stream for every rank: a stream split by rank would lose the other ranks' parts."""
-    result = run_cli(_args(project, tmp_path / "run", "plain", 2, 0), nproc=2, check=False, env={"SPLIT": "1"})
-    _refused(result, "Lines", "starts with other samples on rank(s) [1] than on rank 0", "yield the whole stream")
+def test_a_stream_in_unseeded_random_order_on_two_ranks_is_refused_before_training(project, tmp_path):
+    """Unseeded augmentation: the ranks start with other samples, and so does each read. Taken for a stream split
+    per rank, every rank would train on all of it (tests/test_split_streams.py has the real split)."""
+    result = run_cli(_args(project, tmp_path / "run", "plain", 2, 0), nproc=2, check=False, env={"UNSEEDED": "noise"})
+    _refused(result, "Lines", "starts with another sample each time it is read on rank(s) [0, 1]", "Seed its randomness")
 
 
 def test_a_map_style_dataset_whose_length_changed_is_refused_mid_epoch(tmp_path):

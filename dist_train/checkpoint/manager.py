@@ -119,11 +119,12 @@ class Checkpointer(Resuming):
             except OSError as exc:
                 error = self._write_error(exc)
         self._agree(error, tmp)
+        data_state = self._data_state()  # on every rank: a per-rank stream's positions are gathered
         try:
             acc.save_state(str(tmp), safe_serialization=True)  # every rank writes its own RNG file
             if acc.is_main_process:
                 (tmp / "config.yaml").write_text(self.cfg.to_yaml())
-                if (data_state := self._data_state()) is not None:
+                if data_state is not None:
                     torch.save(data_state, tmp / DATA_STATE)
         except (OSError, RuntimeError, SafetensorError) as exc:
             if not _is_write_failure(exc):
@@ -151,8 +152,7 @@ class Checkpointer(Resuming):
         self.wait()  # at most one save in flight: the previous one is complete (or failed, for all ranks) first
         snapshot = take_snapshot(self.accelerator, *self._live, self.state, self._copier)
         description = self._describe(record)
-        if self.accelerator.is_main_process:
-            snapshot["data_state"] = self._data_state()
+        snapshot["data_state"] = self._data_state()
         self._last_saved = (self.state.optimizer_step, self.state.state_dict())
         if self.accelerator.is_main_process:
             self._writer.start(lambda: self._write_in_background(snapshot, description, final, tmp))
@@ -219,14 +219,22 @@ class Checkpointer(Resuming):
         return out / "model.safetensors"
 
     def _data_state(self):
-        """The stream's state after exactly the batches trained on (main process, mid-epoch); None otherwise."""
+        """The stream's position after exactly the batches trained on, for the main process to write (mid-epoch;
+        None otherwise and on the other ranks). Called on every rank: a per-rank stream's positions, one per
+        rank, are gathered (`{"per_rank": [...]}`)."""
         position, consumed = self._position, self.state.samples_consumed
         if not consumed or not getattr(position, "exact", False) or not hasattr(position, "state_at"):
             return None
+        per_rank = position.per_rank
+        if not (per_rank or self.accelerator.is_main_process):
+            return None
         state = position.state_at(consumed)
-        if state is None:  # the loader reads ahead; `keep` in data.py bounds by how much
+        states = gather_object([state]) if per_rank else [state]  # every rank gathers before any raises
+        if any(state is None for state in states):  # the loader reads ahead; `keep` in streams.py bounds by how much
             raise RuntimeError(f"the stream's state after {consumed} samples was not kept; report this as a dist_train bug")
-        return state
+        if not self.accelerator.is_main_process:
+            return None
+        return {"per_rank": states} if per_rank else state
 
     def _describe(self, record: dict | None) -> dict:
         import accelerate

@@ -153,6 +153,13 @@ class Resuming:
                 "epoch ends (checkpoint_every: null) with such data, or give the stream (its DataLoader or dataset) "
                 "state_dict() and load_state_dict()."
             )
+        saved_world = int(manifest["world_size"])
+        if consumed and getattr(self._position, "per_rank", False) and saved_world != self.accelerator.num_processes:
+            raise UserError(
+                f"checkpoint {path} stopped {consumed} samples into epoch {manifest['epoch']} of a stream split per rank "
+                f"over {saved_world} processes: each rank's position is in its own part, and {self.accelerator.num_processes} "
+                f"processes read other parts. Resume on {saved_world} processes, or from an epoch-end checkpoint (resume: PATH)."
+            )
         saved_length, length = manifest.get("dataset_length"), getattr(self._position, "dataset_length", None)
         if consumed and saved_length is not None and length is not None and int(saved_length) != length:
             raise UserError(
@@ -211,13 +218,15 @@ class Resuming:
         set_micro_step(acc, 0)
 
     def _restore_stream(self, path: Path) -> None:
-        """The stream's saved state into its source (main process: it alone reads the stream); all ranks agree."""
-        error = None
-        if self.accelerator.is_main_process:
+        """The stream's saved state into its source (the main process, which alone reads a dispatched stream; every
+        rank for a per-rank stream, each its own position); all ranks agree."""
+        error, per_rank = None, self._position.per_rank
+        if self.accelerator.is_main_process or per_rank:
             try:
                 state = safe_torch_load(path / DATA_STATE)
                 try:
-                    self._position.restore(state)  # load_state_dict(), or replaying the epoch up to the position
+                    # load_state_dict(), or replaying the epoch up to the position
+                    self._position.restore(_this_ranks(state, per_rank, self.accelerator.process_index))
                 except UserError as exc:
                     error = f"checkpoint {path}: {exc}"
                 except Exception as exc:  # the user's code: its traceback, then one line naming it, its message kept
@@ -232,3 +241,15 @@ class Resuming:
             except UserError as exc:
                 error = str(exc)
         self._agree(error, None)
+
+
+def _this_ranks(state, per_rank: bool, rank: int):
+    """This rank's part of a saved stream position: its entry of a per-rank stream's list, or the one position."""
+    saved_per_rank = isinstance(state, dict) and "per_rank" in state
+    if saved_per_rank != per_rank:
+        how = {True: "split per rank (each rank read its own part)", False: "one stream dealt from rank 0"}
+        raise UserError(
+            f"its stream position is of {how[saved_per_rank]}, and this run's stream is {how[per_rank]}: the position "
+            "means nothing there. Resume with the data it was written with, or from an epoch-end checkpoint (resume: PATH)."
+        )
+    return state["per_rank"][rank] if per_rank else state
