@@ -136,7 +136,7 @@ def _total_steps(cfg: Config, steps_per_epoch: int | None) -> float:
         if cfg.lr_schedule != "constant":
             raise UserError(
                 f"lr_schedule: {cfg.lr_schedule} needs the run's length in optimizer steps, and the training data is a "
-                "stream without a length (an IterableDataset without __len__); set max_steps, or lr_schedule: constant."
+                "stream without a length (an IterableDataset without __len__, or one split per rank); set max_steps, or lr_schedule: constant."
             )
         return math.inf  # the epochs end when the data does
     else:

@@ -130,7 +130,11 @@ class StreamBatches(IterableDataset):
         return type(self.source if self.source is not None else self.loader.dataset).__name__
 
     def __len__(self) -> int:
-        return len(self.loader)  # TypeError for a stream without a length: the loop then counts no epoch length
+        # A TypeError for a stream without a length: the loop then counts no epoch length. A per-rank stream has
+        # none either: its epoch is as long as the shortest rank's part, whatever each part says.
+        if self.per_rank:
+            raise TypeError("a stream split per rank ends with its shortest part")
+        return len(self.loader)
 
     def set_position(self, epoch: int, samples_consumed: int) -> None:
         self.epoch, self.start = epoch, samples_consumed // self.unit_samples

@@ -185,18 +185,13 @@ def _files(out: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(out)): (p.stat().st_size, p.stat().st_mtime_ns) for p in (out / "checkpoints").rglob("*") if p.is_file()}
 
 
-CASES = [  # (source, processes, num_workers, extra)
+CASES = [  # (source, processes, num_workers, extra): every source on 2 processes, and 1 process with 0 and 2 workers
     ("user", 1, 0, ()),
-    ("user", 2, 0, ()),
-    ("user", 1, 2, ()),
     ("user", 2, 2, ()),
-    ("hf", 1, 0, ()),
-    ("hf", 2, 2, ()),
-    ("hf_buffer", 1, 0, ()),
+    ("hf", 1, 2, ()),
+    ("hf", 2, 0, ()),
     ("hf_buffer", 2, 2, ()),
-    ("plain", 1, 2, ()),
     ("plain", 2, 0, ()),
-    ("stateful", 1, 2, ()),
     ("stateful", 2, 2, ()),
 ]
 
@@ -246,7 +241,7 @@ def test_sync_and_async_checkpoints_hold_the_same_files_and_resume_alike(project
     assert all(torch.equal(weights["false"][k], weights["true"][k]) for k in weights["false"])
 
 
-@pytest.mark.parametrize("source, num_workers", [("user", 2), ("hf_buffer", 0), ("stateful", 2)])
+@pytest.mark.parametrize("source, num_workers", [("user", 2), ("hf_buffer", 0)])
 def test_three_ranks_train_each_id_once_per_epoch_across_a_kill(project, tmp_path, source, num_workers):
     """Global batch 6 does not divide the 64 samples: of the last global batch, 4 samples, one is left out and said
     (3 processes cannot split 4 evenly, and filling the batch would train samples twice)."""
