@@ -30,6 +30,7 @@ from ..accelerate_internals import micro_step
 from ..state import TrainState
 
 DATA_STATE = "data_state.pt"  # a stream's position (its source's state_dict), only in a mid-epoch checkpoint
+PER_RANK = "dist_train.per_rank"  # data_state.pt of a stream split per rank: {PER_RANK: [rank 0's position, ...]}
 
 
 class HostCopier:

@@ -35,7 +35,7 @@ from ..accelerate_internals import PLAIN_BACKENDS
 from ..config import Config
 from ..errors import UserError
 from ..state import TrainState
-from .async_save import DATA_STATE, BackgroundWriter, HostCopier, take_snapshot, write_snapshot
+from .async_save import DATA_STATE, PER_RANK, BackgroundWriter, HostCopier, take_snapshot, write_snapshot
 from .manifest import (
     InvalidCheckpoint,
     fsync_path,
@@ -221,7 +221,7 @@ class Checkpointer(Resuming):
     def _data_state(self):
         """The stream's position after exactly the batches trained on, for the main process to write (mid-epoch;
         None otherwise and on the other ranks). Called on every rank: a per-rank stream's positions, one per
-        rank, are gathered (`{"per_rank": [...]}`)."""
+        rank, are gathered (`{"dist_train.per_rank": [...]}`)."""
         position, consumed = self._position, self.state.samples_consumed
         if not consumed or not getattr(position, "exact", False) or not hasattr(position, "state_at"):
             return None
@@ -234,7 +234,7 @@ class Checkpointer(Resuming):
             raise RuntimeError(f"the stream's state after {consumed} samples was not kept; report this as a dist_train bug")
         if not self.accelerator.is_main_process:
             return None
-        return {"per_rank": states} if per_rank else state
+        return {PER_RANK: states} if per_rank else state
 
     def _describe(self, record: dict | None) -> dict:
         import accelerate

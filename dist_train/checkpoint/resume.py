@@ -21,7 +21,7 @@ from accelerate.utils import broadcast_object_list
 
 from ..accelerate_internals import safe_custom_state_loader, set_micro_step
 from ..errors import UserError
-from .async_save import DATA_STATE
+from .async_save import DATA_STATE, PER_RANK
 from .dcp_check import check_dcp_folder
 from .manifest import InvalidCheckpoint, read_manifest, verify
 from .resume_policy import check_changes
@@ -245,11 +245,11 @@ class Resuming:
 
 def _this_ranks(state, per_rank: bool, rank: int):
     """This rank's part of a saved stream position: its entry of a per-rank stream's list, or the one position."""
-    saved_per_rank = isinstance(state, dict) and "per_rank" in state
+    saved_per_rank = isinstance(state, dict) and PER_RANK in state
     if saved_per_rank != per_rank:
         how = {True: "split per rank (each rank read its own part)", False: "one stream dealt from rank 0"}
         raise UserError(
             f"its stream position is of {how[saved_per_rank]}, and this run's stream is {how[per_rank]}: the position "
             "means nothing there. Resume with the data it was written with, or from an epoch-end checkpoint (resume: PATH)."
         )
-    return state["per_rank"][rank] if per_rank else state
+    return state[PER_RANK][rank] if per_rank else state
