@@ -56,16 +56,24 @@ def resolve(spec: str, key: str) -> Callable:
         raise UserError(f"{key}: {module_part!r} has no attribute {attr!r} (it has: {', '.join(public[:12])}).") from None
 
 
+_USER_FOLDERS: set[Path] = set()  # the folders of user files loaded in this process
+
+
 def _import_siblings_from(folder: Path) -> None:
     """Make `folder`'s files win the user's sibling imports (`from dataset import MyDataset`), as in a fresh
-    process: its folder goes first on sys.path, and a module of the same name cached from another folder
-    (an earlier in-process run of another project) is dropped, not silently reused."""
+    process: its folder goes first on sys.path, and a module of the same name cached from another user
+    folder (an earlier in-process run of another project) is dropped, not silently reused. Modules from
+    anywhere else (the standard library, installed packages) are left alone."""
     if str(folder) in sys.path:
         sys.path.remove(str(folder))
     sys.path.insert(0, str(folder))
+    _USER_FOLDERS.add(folder)
     for name, module in list(sys.modules.items()):
         origin = getattr(module, "__file__", None)
-        if "." not in name and origin and (folder / f"{name}.py").is_file() and Path(origin).resolve().parent != folder:
+        if "." in name or not origin or not (folder / f"{name}.py").is_file():
+            continue
+        cached_from = Path(origin).resolve().parent
+        if cached_from != folder and cached_from in _USER_FOLDERS:
             del sys.modules[name]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,9 @@ def test_two_projects_in_one_process_each_import_their_own_siblings(tmp_path):
     assert resolve(f"{tmp_path / 'project1' / 'dataloader.py'}:get_value", "data")() == 1
     assert resolve(f"{tmp_path / 'project2' / 'dataloader.py'}:get_value", "data")() == 2
     assert resolve(f"{tmp_path / 'project1' / 'dataloader.py'}:get_value", "data")() == 1  # cached by path: unchanged
+    # A user file named like an installed module does not evict that module from this process.
+    import json
+
+    (tmp_path / "project2" / "json.py").write_text("")
+    resolve(f"{tmp_path / 'project2' / 'dataloader.py'}:get_value", "data")
+    assert sys.modules["json"] is json
