@@ -4,7 +4,7 @@
 
 Prints one JSON line (rank 0) with, per optimizer step of the workload (1 thread per process):
 - `solo_step_ms`: forward, backward and fused AdamW step on rank 0 while rank 1 waits idle (no DDP);
-- `preemption_check_one_process_us`: the loop's preemption check (`dist_train.preemption.Preemption.
+- `preemption_check_one_process_us`: the loop's preemption check (`dist_train.faults.preemption.Preemption.
   requested`) on that one process: no collective, a flag read;
 - `concurrent_step_ms`: the same step on both ranks at once, without communication: what sharing the
   machine (caches, memory bandwidth, the other core) costs before any gradient is exchanged;
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dist_train.preemption import Preemption
+from dist_train.faults.preemption import Preemption
 
 from .workloads import WORKLOADS, build_model, make_tensors
 

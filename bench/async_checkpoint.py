@@ -26,8 +26,8 @@ import torch
 
 from dist_train.checkpoint import Checkpointer
 from dist_train.config import Config
+from dist_train.faults.watchdog import HangWatchdog
 from dist_train.state import TrainState
-from dist_train.watchdog import HangWatchdog
 
 
 def build(mib: float, output_dir: Path, async_checkpoint: bool):

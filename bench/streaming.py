@@ -166,7 +166,7 @@ def state_costs(files_json: Path, repeats: int = 1000) -> tuple[float, float]:
 
 def fingerprint_cost(repeats: int = 1000) -> float:
     """Seconds to fingerprint one batch, the position a stream without a state records (streams.replay)."""
-    from dist_train.streams import fingerprint
+    from dist_train.data.streams import fingerprint
 
     batch = (torch.randn(BATCH, FEATURES), torch.randint(0, CLASSES, (BATCH,)))
     start = time.perf_counter()

@@ -1,10 +1,10 @@
 """dist_train: your supervised PyTorch loop, from one CPU to a SLURM cluster, through Hugging Face Accelerate."""
 
+from ._version import __version__ as __version__
 from .config import Config, load_config
 from .errors import UserError
 
 __all__ = ["Config", "load_config", "load_model", "train", "UserError"]
-__version__ = "0.1.0"
 
 
 def train(cfg: Config) -> dict:

@@ -27,6 +27,7 @@ on any other version, so an upgrade is a deliberate act: rerun the suite, then w
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -76,19 +77,18 @@ class LeanOptimizer:
 
 
 @contextlib.contextmanager
-def safe_custom_state_loader():
-    """Route Accelerate's loading of registered objects (TrainState) through weights_only=True.
+def safe_custom_state_loader(load_file: Callable[[Path], object]):
+    """Route Accelerate's loading of registered objects (TrainState) through `load_file`.
 
     `Accelerator.load_state` loads them with `weights_only=False`, i.e. it would run any pickled code
     planted in `custom_checkpoint_N.pkl`; there is no option to change that, so the loader it calls
-    is swapped for the duration of the load.
+    is swapped for the duration of the load. The caller passes the safe loader (`checkpoint/safe_load.py`),
+    so this module, below the checkpoint wing, never imports it.
     """
     import accelerate.accelerator as accelerator_module
 
-    from .checkpoint.safe_load import safe_torch_load
-
     def load_custom_state(obj, path, index=0):
-        obj.load_state_dict(safe_torch_load(Path(path) / f"custom_checkpoint_{index}.pkl"))
+        obj.load_state_dict(load_file(Path(path) / f"custom_checkpoint_{index}.pkl"))
 
     original = accelerator_module.load_custom_state
     accelerator_module.load_custom_state = load_custom_state

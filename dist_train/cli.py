@@ -77,14 +77,14 @@ def _doctor(args) -> int:
 
 def _train(args) -> int:
     from .config import load_config
+    from .faults import record_failure
     from .loop import train
-    from .restarts import record_failure
 
     cfg = load_config(args.config, args.overrides)
     try:
         result = train(cfg)
     except BaseException as exc:
-        # Under torchrun's agent: a record for the next attempt (restarts.py) and, for a crash, a line
+        # Under torchrun's agent: a record for the next attempt (faults/restarts.py) and, for a crash, a line
         # naming this rank and its optimizer step before the traceback (`main` words a UserError).
         record_failure(cfg, exc, announce=not isinstance(exc, UserError))
         raise
@@ -97,7 +97,7 @@ def _train(args) -> int:
 
 
 def _plot(args) -> int:
-    from .plot import plot_run
+    from .components import plot_run
 
     print(plot_run(args.run_dir))
     return 0
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"dist-train: error: {exc}", file=sys.stderr)
         if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # under torchrun: its failure table shows the line too
-            from .restarts import tell_launcher
+            from .faults import tell_launcher
 
             tell_launcher(f"UserError: {exc}")
         return 2

@@ -25,9 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint.dcp_check import check_dcp_folder
-from .checkpoint.manifest import MANIFEST, InvalidCheckpoint, read_manifest, verify
-from .checkpoint.safe_load import safe_torch_load
+from .checkpoint import MANIFEST, InvalidCheckpoint, check_dcp_folder, read_manifest, safe_torch_load, verify
 from .errors import UserError
 
 CONFIG_NAME = "dist_train_model.json"

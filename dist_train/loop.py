@@ -28,29 +28,29 @@ from accelerate.utils import (
 )
 from tqdm.auto import tqdm
 
-from . import restarts
 from .accelerate_internals import LeanOptimizer, fix_ddp_bucket_order
-from .batch_size import fit_batch_size
-from .batches import call_model, split_batch
-from .checkpoint import Checkpointer
-from .checkpoint.run_lock import RunLock
+from .checkpoint import Checkpointer, RunLock
+from .components import (
+    Loss,
+    MetricsLogger,
+    NonfiniteGuard,
+    StepProfiler,
+    UnusedParameterCheck,
+    apply_config,
+    build_optimizer,
+    build_scheduler,
+    can_fuse,
+    check_trackers_installed,
+    plot_if_available,
+)
+from .components import grad_norm as _grad_norm
 from .config import Config, resolve_modes
-from .data import build_loaders, prepare_loaders, train_position
+from .data import build_loaders, call_model, fit_batch_size, prepare_loaders, split_batch, train_position
 from .errors import UserError
-from .loss import Loss
-from .metrics import MetricsLogger, check_trackers_installed
-from .nonfinite import NonfiniteGuard
-from .nonfinite import grad_norm as _grad_norm
-from .optim import apply_config, build_optimizer, build_scheduler, can_fuse
-from .plot import plot_if_available
+from .evaluation import Validator
+from .faults import HangWatchdog, Preemption, StragglerMonitor, begin_attempt, clear_stale, enable_flight_recorder, process_group_kwargs
 from .plugins import build_model
-from .preemption import Preemption
-from .profiling import StepProfiler
 from .state import TrainState
-from .stragglers import StragglerMonitor
-from .unused import UnusedParameterCheck
-from .validation import Validator
-from .watchdog import HangWatchdog, clear_stale, enable_flight_recorder
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -60,15 +60,15 @@ def make_accelerator(cfg: Config) -> Accelerator:
         raise UserError("mixed_precision: fp16 needs a CUDA GPU (its loss scaler is GPU-only); use bf16 on CPU, or no.")
     if cuda and cfg.hang_timeout_s:
         enable_flight_recorder(Path(cfg.output_dir) / "diagnostics")  # before NCCL's process group exists
-    # startup_timeout_s to form the group; per-attempt store keys under an elastic agent (restarts.py).
-    process_group = restarts.process_group_kwargs(cfg)
+    # startup_timeout_s to form the group; per-attempt store keys under an elastic agent (faults/restarts.py).
+    process_group = process_group_kwargs(cfg)
     accelerator = Accelerator(
         cpu=not cuda,  # without a GPU, CPU mode is what makes N launched processes join one gloo group
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         # One scheduler step per optimizer step, whatever the world size: our schedules count optimizer steps.
         step_scheduler_with_optimizer=False,
-        # non_blocking: host-to-GPU copies of the (pinned, see data.py) batches overlap with compute.
+        # non_blocking: host-to-GPU copies of the (pinned, see data/loaders.py) batches overlap with compute.
         dataloader_config=DataLoaderConfiguration(even_batches=True, non_blocking=cuda),
         dynamo_backend="inductor" if cfg.compile else None,
         log_with=[t for t in cfg.log_with] or None,
@@ -85,7 +85,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
             f"{accelerator.num_processes}; each process would train alone. Launch with a multi-process "
             "config (launch_configs/cpu.yaml on CPU, multi_gpu.yaml on GPUs)."
         )
-    restarts.begin(cfg, accelerator, process_group)  # collective_timeout_s after the first step; restart ledger
+    begin_attempt(cfg, accelerator, process_group)  # collective_timeout_s after the first step; restart ledger
     return accelerator
 
 

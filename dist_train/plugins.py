@@ -1,4 +1,4 @@
-"""The plug-in contract: the user's model factory and data function (and loss, see loss.py), resolved from import strings.
+"""The plug-in contract: the user's model factory and data function (and loss, see components/loss.py), resolved from import strings.
 
 An import string is `path/to/file.py:Name` (a file, loaded by path, its folder put on sys.path so the
 seed's sibling imports work) or `package.module:Name`. Every failure is a `UserError` that names the

@@ -165,7 +165,7 @@ def test_find_unused_parameters_is_a_bool_key():
 def test_missing_tracker_packages_are_named_with_the_extra(monkeypatch):
     import accelerate.utils
 
-    from dist_train.metrics import check_trackers_installed
+    from dist_train.components.logger import check_trackers_installed
 
     check_trackers_installed([])
     check_trackers_installed(["tensorboard"])  # installed here (the dev extra)

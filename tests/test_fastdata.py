@@ -1,4 +1,4 @@
-"""The in-memory fast path (dist_train/fastdata.py) yields exactly the batches of the regular path."""
+"""The in-memory fast path (dist_train/data/fastdata.py) yields exactly the batches of the regular path."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 
 from dist_train.config import load_config
-from dist_train.data import EpochSampler, _with_epoch_sampler, epoch_sampler
-from dist_train.fastdata import EpochBatchSampler, TensorBatches, can_use_fast_path
+from dist_train.data.fastdata import EpochBatchSampler, TensorBatches, can_use_fast_path
+from dist_train.data.loaders import EpochSampler, _with_epoch_sampler, epoch_sampler
 from helpers import load_weights, run_clis, seed_project_args, write_seed_project
 
 

@@ -340,7 +340,7 @@ def test_shell_script_passes_bash_n_and_shellcheck(script):
 
 
 def test_requeue_targets_the_array_task_or_the_job(monkeypatch):
-    from dist_train.preemption import slurm_job_id
+    from dist_train.faults.preemption import slurm_job_id
 
     for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
         monkeypatch.delenv(key, raising=False)
@@ -357,7 +357,7 @@ import os, sys, time
 import torch.distributed as dist
 from dist_train.config import load_config
 from dist_train.loop import make_accelerator
-from dist_train.preemption import Preemption
+from dist_train.faults.preemption import Preemption
 
 accelerator = make_accelerator(load_config(None, ["cpu=true", "collective_timeout_s=3", "hang_timeout_s=null"]))
 dist.get_backend = lambda group=None: "nccl"  # take the GPU path: the flag goes through a side gloo group

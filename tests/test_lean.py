@@ -49,7 +49,7 @@ def test_same_updates_as_accelerate_under_accumulation(monkeypatch):
 def test_fused_optimizer_only_where_it_is_exact():
     from accelerate.utils import DistributedType
 
-    from dist_train.optim import can_fuse
+    from dist_train.components.optim import can_fuse
 
     dense = torch.nn.Linear(4, 2)
     assert can_fuse(dense, "no", DistributedType.NO) and can_fuse(dense, "bf16", DistributedType.MULTI_GPU)

@@ -32,10 +32,10 @@ from hypothesis import strategies as st
 from torch.utils.data import BatchSampler, DataLoader, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 
 from dist_train.config import load_config
-from dist_train.data import EpochSampler, UserBatches, _with_epoch_sampler, epoch_sampler
+from dist_train.data.fastdata import EpochBatchSampler
+from dist_train.data.loaders import EpochSampler, UserBatches, _with_epoch_sampler, epoch_sampler
+from dist_train.data.user_order import UserOrder
 from dist_train.errors import UserError
-from dist_train.fastdata import EpochBatchSampler
-from dist_train.user_order import UserOrder
 
 MAX_EXAMPLES = 400  # per property; the whole file stays well under 30 s on 2 shared cores
 

@@ -167,7 +167,7 @@ class Setup:
         return math.ceil(self.train_size / self.step_samples)
 
     @property
-    def epoch_samples(self) -> int:  # the epoch padded to whole optimizer steps (dist_train/data.py)
+    def epoch_samples(self) -> int:  # the epoch padded to whole optimizer steps (dist_train/data/loaders.py)
         return self.steps_per_epoch * self.step_samples
 
     @property

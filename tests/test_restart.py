@@ -261,7 +261,7 @@ def test_the_group_gets_the_collective_timeout_after_the_first_optimizer_step(tm
     """startup_timeout_s until the first optimizer step, collective_timeout_s from then on (a one-shot hook)."""
     import torch.distributed as dist
 
-    from dist_train.restarts import _TimeoutAfterFirstStep
+    from dist_train.faults.restarts import _TimeoutAfterFirstStep
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=5))
     backend = dist.group.WORLD._get_backend(torch.device("cpu"))

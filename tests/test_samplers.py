@@ -1,5 +1,5 @@
 """The user's own sampler or batch_sampler is honoured: its distribution, its subset, its batches, on 1
-and N ranks, across a SIGKILL and resume (dist_train/data.py, dist_train/user_order.py).
+and N ranks, across a SIGKILL and resume (dist_train/data/loaders.py, dist_train/data/user_order.py).
 
 The real-process runs train a user project whose model logs the ids it trains on (the dataset's last
 column; one file per rank, one line per forward) and can SIGKILL itself at a given forward. The model
@@ -32,9 +32,9 @@ from torch.utils.data import (
 )
 
 from dist_train.config import load_config
-from dist_train.data import UserBatches, _with_epoch_sampler, epoch_sampler
+from dist_train.data.loaders import UserBatches, _with_epoch_sampler, epoch_sampler
+from dist_train.data.user_order import UserOrder, epoch_seed
 from dist_train.errors import UserError
-from dist_train.user_order import UserOrder, epoch_seed
 from helpers import assert_weights_equal, ids_model, import_file, load_weights, read_ids, run_cli, run_clis, write_seed_project
 
 NUM_TRAIN = 200

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_train.watchdog import describe_hang
+from dist_train.faults.watchdog import describe_hang
 from helpers import read_metrics, run_cli, seed_project_args, write_seed_project
 
 

@@ -9,6 +9,10 @@
 - `run_lock.py`: one run per output_dir.
 """
 
+from .dcp_check import check_dcp_folder
 from .manager import Checkpointer
+from .manifest import MANIFEST, InvalidCheckpoint, read_manifest, verify
+from .run_lock import RunLock
+from .safe_load import safe_torch_load
 
-__all__ = ["Checkpointer"]
+__all__ = ["MANIFEST", "Checkpointer", "InvalidCheckpoint", "RunLock", "check_dcp_folder", "read_manifest", "safe_torch_load", "verify"]

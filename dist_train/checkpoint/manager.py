@@ -31,17 +31,13 @@ import torch
 from accelerate.utils import gather_object
 from safetensors import SafetensorError
 
+from .._version import __version__
 from ..accelerate_internals import PLAIN_BACKENDS
 from ..config import Config
 from ..errors import UserError
 from ..state import TrainState
 from .async_save import DATA_STATE, PER_RANK, BackgroundWriter, HostCopier, take_snapshot, write_snapshot
-from .manifest import (
-    InvalidCheckpoint,
-    fsync_path,
-    read_manifest,
-    write_manifest,
-)
+from .manifest import InvalidCheckpoint, fsync_path, read_manifest, write_manifest
 from .resume import Resuming, _warn
 from .safe_load import load_unwrapped_weights
 
@@ -230,7 +226,7 @@ class Checkpointer(Resuming):
             return None
         state = position.state_at(consumed)
         states = gather_object([state]) if per_rank else [state]  # every rank gathers before any raises
-        if any(state is None for state in states):  # the loader reads ahead; `keep` in streams.py bounds by how much
+        if any(state is None for state in states):  # the loader reads ahead; `keep` in data/streams.py bounds by how much
             raise RuntimeError(f"the stream's state after {consumed} samples was not kept; report this as a dist_train bug")
         if not self.accelerator.is_main_process:
             return None
@@ -238,8 +234,6 @@ class Checkpointer(Resuming):
 
     def _describe(self, record: dict | None) -> dict:
         import accelerate
-
-        from .. import __version__
 
         validated_here = bool(record) and record.get("step") == self.state.optimizer_step
         value = record.get(self.cfg.monitor) if validated_here else None

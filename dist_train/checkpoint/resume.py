@@ -199,7 +199,7 @@ class Resuming:
         if manifest["samples_consumed"] and hasattr(self._position, "restore"):
             self._restore_stream(path)
         try:
-            with safe_custom_state_loader():
+            with safe_custom_state_loader(safe_torch_load):
                 acc.load_state(str(path))
         except (UserError, pickle.UnpicklingError) as exc:
             raise (

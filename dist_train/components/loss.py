@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
-from .plugins import resolve
+from ..errors import UserError
+from ..plugins import resolve
 
 
 def _mse_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -52,10 +52,10 @@ import torch.distributed as dist
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .accelerate_internals import registered_objects
-from .config import Config
-from .errors import UserError
-from .state import TrainState
+from ..accelerate_internals import registered_objects
+from ..config import Config
+from ..errors import UserError
+from ..state import TrainState
 
 __all__ = ["process_group_kwargs", "begin", "record_failure", "tell_launcher"]
 

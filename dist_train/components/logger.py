@@ -18,10 +18,10 @@ import accelerate
 import torch
 from accelerate import Accelerator
 
-from .batches import batch_size_of, token_ids
-from .config import Config
-from .errors import UserError
-from .state import TrainState
+from ..config import Config
+from ..data import batch_size_of, token_ids
+from ..errors import UserError
+from ..state import TrainState
 
 
 def check_trackers_installed(log_with: list[str]) -> None:
@@ -90,7 +90,7 @@ class MetricsLogger:
         self.cfg = cfg
         self.accelerator = accelerator
         self.is_main_process = accelerator.is_main_process
-        self.rank_times = rank_times  # steps -> the straggler fields (a collective; see stragglers.py)
+        self.rank_times = rank_times  # steps -> the straggler fields (a collective; see faults/stragglers.py)
         self.log_every = cfg.log_every
         self._interval_loss = _RunningMean(accelerator)
         self._eval_loss = _RunningMean(accelerator)

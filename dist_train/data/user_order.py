@@ -38,7 +38,7 @@ import torch
 from accelerate.utils import gather_object
 from torch.utils.data import DistributedSampler
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import broadcast_object_list
 
-from .accelerate_internals import process_group_timeout
+from ..accelerate_internals import process_group_timeout
 
 # Agreed flag values; the largest wins across ranks: a requeue request beats a plain stop.
 _NONE, _STOP, _REQUEUE = 0, 1, 2

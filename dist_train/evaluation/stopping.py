@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from .config import Config
-from .errors import UserError
-from .state import TrainState
+from ..config import Config
+from ..errors import UserError
+from ..state import TrainState
 
 
 class EarlyStopping:

@@ -11,8 +11,8 @@ import math
 import torch
 from accelerate.utils import DistributedType
 
-from .accelerate_internals import PLAIN_BACKENDS
-from .config import Config
+from ..accelerate_internals import PLAIN_BACKENDS
+from ..config import Config
 
 
 def build_optimizer(name: str, params, lr: float, weight_decay: float, momentum: float, fused: bool = False) -> torch.optim.Optimizer:

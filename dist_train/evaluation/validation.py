@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from accelerate import Accelerator
 
-from .config import Config
+from ..components import Loss, MetricsLogger
+from ..config import Config
+from ..state import TrainState
 from .evaluate import evaluate
-from .loss import Loss
-from .metrics import MetricsLogger
-from .state import TrainState
 from .stopping import EarlyStopping
 
 

@@ -12,8 +12,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object
 
-from .config import Config
-from .errors import UserError
+from ..config import Config
+from ..errors import UserError
 
 
 class UnusedParameterCheck:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 LABELS = "labels"
 

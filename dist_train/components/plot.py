@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def _read_records(metrics_path: Path) -> list[dict]:

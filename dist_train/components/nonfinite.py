@@ -13,10 +13,10 @@ import math
 import torch
 from accelerate import Accelerator
 
-from .accelerate_internals import PLAIN_BACKENDS
-from .config import Config
-from .errors import UserError
-from .state import TrainState
+from ..accelerate_internals import PLAIN_BACKENDS
+from ..config import Config
+from ..errors import UserError
+from ..state import TrainState
 
 
 def grad_norm(accelerator: Accelerator, parameters: list, max_grad_norm: float | None) -> torch.Tensor:

@@ -23,10 +23,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import find_executable_batch_size
 
-from .accelerate_internals import is_out_of_memory
+from ..accelerate_internals import is_out_of_memory
+from ..config import Config
+from ..errors import UserError
 from .batches import batch_size_of, call_model, split_batch
-from .config import Config
-from .errors import UserError
 
 
 def _probe(accelerator: Accelerator, model, optimizer, train_loader, loss_fn, cfg: Config) -> bool:

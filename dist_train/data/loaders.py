@@ -42,11 +42,11 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, SequentialSampler, Subset
 
-from .accelerate_internals import seed_dispatched_workers
-from .config import Config
-from .errors import UserError
+from ..accelerate_internals import seed_dispatched_workers
+from ..config import Config
+from ..errors import UserError
+from ..plugins import check_call, resolve
 from .fastdata import EpochBatchSampler, TensorBatches, already_batched, can_use_fast_path, dataset_tensors
-from .plugins import check_call, resolve
 from .streams import StreamBatches, split_by_rank, stream_loader
 from .user_order import UserOrder, epoch_seed
 

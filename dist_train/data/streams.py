@@ -48,8 +48,8 @@ from accelerate import PartialState
 from accelerate.utils import find_batch_size, gather, slice_tensors
 from torch.utils.data import DataLoader, IterableDataset
 
-from .config import Config
-from .errors import UserError
+from ..config import Config
+from ..errors import UserError
 
 
 def stateful(obj) -> bool:

@@ -6,9 +6,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import reduce
 
-from .batches import batch_size_of, call_model, split_batch
-from .errors import UserError
-from .loss import Loss, logits_of
+from ..components import Loss, logits_of
+from ..data import batch_size_of, call_model, split_batch
+from ..errors import UserError
 
 
 def _is_classification(loss: Loss, outputs, targets) -> bool:

@@ -1,0 +1,24 @@
+"""The data path: from the user's `get_dataloader` to the batches each rank trains on, in an order dist_train owns.
+
+- `loaders.py`: `build_loaders` / `prepare_loaders`, the training order of `(seed, epoch)`, the resume position.
+- `user_order.py`: the user's own sampler or `batch_sampler`, drawn per epoch from the same seed.
+- `streams.py`: streams (`IterableDataset`), read on rank 0 and dealt, or read per rank when already split.
+- `fastdata.py`: the in-memory fast path for tensor datasets.
+- `batches.py`: what a batch is (`(inputs, targets)` or a dict), how the model is called on it.
+- `batch_size.py`: `auto_batch_size`, the largest batch that fits on every rank.
+"""
+
+from .batch_size import fit_batch_size
+from .batches import batch_size_of, call_model, split_batch, token_ids
+from .loaders import build_loaders, prepare_loaders, train_position
+
+__all__ = [
+    "batch_size_of",
+    "build_loaders",
+    "call_model",
+    "fit_batch_size",
+    "prepare_loaders",
+    "split_batch",
+    "token_ids",
+    "train_position",
+]
