@@ -105,6 +105,16 @@ class Config:
     log_every: int = _opt(10, "Log training metrics every N optimizer steps.", minimum=1)
     log_with: list = _opt([], "Extra trackers besides metrics.jsonl: any of tensorboard, wandb, mlflow, trackio.")
     progress: bool = _opt(True, "Show a progress bar (main process, interactive terminals only).")
+    flops_per_sample: Optional[float] = _opt(
+        None,
+        "Training FLOPs (forward + backward) of one sample, for the logged TFLOP/s and MFU (null: counted on the first micro-batch with torch's FlopCounterMode; not under `compile`).",
+        minimum=0.0,
+    )
+    peak_tflops: Optional[float] = _opt(
+        None,
+        "Dense peak TFLOP/s of one device at the run's precision, for MFU (null: from dist_train's table of GPUs; unknown devices and CPUs get no MFU).",
+        minimum=0.0,
+    )
 
     # --- checkpoints ---------------------------------------------------------------------------
     checkpoint_every: Optional[int] = _opt(None, "Save a checkpoint every N optimizer steps (null: only at epoch ends).", minimum=1)

@@ -195,6 +195,7 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
             resumed_step=state.optimizer_step,
             resumed_losses=state.open_losses,
             rank_times=lambda steps: stragglers.record(watchdog.take_own_s(), steps),
+            data_wait_s=watchdog.take_data_s,
         )
     )
     checkpointer.before_save.append(lambda: metrics.carry_into(state))  # the unlogged loss sums go into checkpoints
@@ -224,10 +225,11 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
             with accelerator.accumulate(model):
                 guard.before_forward()
                 watchdog.at("forward")  # progress marks: a hang names the rank and phase (watchdog.py)
-                outputs = call_model(model, inputs)  # model(inputs), or model(**batch) for a dict batch
-                loss = loss_fn(outputs, targets)
-                watchdog.at("backward")
-                accelerator.backward(loss)
+                with metrics.throughput.count(inputs):  # FLOPs of the first micro-batch only (throughput.py)
+                    outputs = call_model(model, inputs)  # model(inputs), or model(**batch) for a dict batch
+                    loss = loss_fn(outputs, targets)
+                    watchdog.at("backward")
+                    accelerator.backward(loss)
                 unused.after_backward()
                 metrics.observe(loss, inputs)
                 step_loss += loss.detach()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import time
 from pathlib import Path
 
@@ -19,9 +18,10 @@ import torch
 from accelerate import Accelerator
 
 from ..config import Config
-from ..data import batch_size_of, token_ids
+from ..data import batch_size_of, real_tokens
 from ..errors import UserError
 from ..state import TrainState
+from .throughput import Throughput, memory_fields
 
 
 def check_trackers_installed(log_with: list[str]) -> None:
@@ -43,13 +43,6 @@ def check_trackers_installed(log_with: list[str]) -> None:
                 f"log_with: {tracker!r} needs the {tracker} package, which is not installed; "
                 f"run pip install 'dist-train[{tracker}]', or remove {tracker} from log_with."
             )
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA's max allocated memory on GPU; the process's peak resident set size otherwise."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
 class _RunningMean:
@@ -86,11 +79,21 @@ class MetricsLogger:
     """`metrics.jsonl` continues with the run: a fresh start rewrites it, a resume at optimizer step N
     keeps the records up to N (those after it were written by the interrupted run and come again)."""
 
-    def __init__(self, cfg: Config, accelerator: Accelerator, resumed_step: int = 0, rank_times=None, resumed_losses: dict | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        accelerator: Accelerator,
+        resumed_step: int = 0,
+        rank_times=None,
+        resumed_losses: dict | None = None,
+        data_wait_s=None,
+    ):
         self.cfg = cfg
         self.accelerator = accelerator
         self.is_main_process = accelerator.is_main_process
         self.rank_times = rank_times  # steps -> the straggler fields (a collective; see faults/stragglers.py)
+        self.data_wait_s = data_wait_s  # () -> seconds this rank waited for batches since the last call
+        self.throughput = Throughput(accelerator.device, cfg.mixed_precision, cfg.flops_per_sample, cfg.peak_tflops, cfg.compile)
         self.log_every = cfg.log_every
         self._interval_loss = _RunningMean(accelerator)
         self._eval_loss = _RunningMean(accelerator)
@@ -137,9 +140,9 @@ class MetricsLogger:
         self._interval_loss.add(loss)
         self._eval_loss.add(loss)
         self._samples += batch_size_of(inputs, None)
-        ids = token_ids(inputs)
-        if ids is not None:  # token ids: count tokens too
-            self._tokens += ids.numel()
+        tokens = real_tokens(inputs)  # padding left out where an attention mask says so; a device tensor then
+        if tokens is not None:
+            self._tokens = self._tokens + tokens
 
     def log_step(self, state: TrainState, lr: float, grad_norm: torch.Tensor | None) -> dict | None:
         """Called once per optimizer step; writes a record every `log_every` steps and returns it."""
@@ -149,19 +152,27 @@ class MetricsLogger:
         now = time.perf_counter()
         seconds = now - self._last_time - self._untimed_s
         world = self.accelerator.num_processes
+        # Summed over the ranks in one collective: tokens (uneven with padding), samples, seconds waiting for data.
+        waited_s = self.data_wait_s() if self.data_wait_s is not None else 0.0
+        sums = torch.tensor([float(self._tokens), float(self._samples), waited_s], dtype=torch.float64, device=self.accelerator.device)
+        tokens, samples, waited_s = (self.accelerator.reduce(sums, "sum") if world > 1 else sums).tolist()
         record = {
             "epoch": state.epoch,
             "step": state.optimizer_step,
             "train_loss": self._interval_loss.pop(),
             "lr": lr,
-            "samples_per_s": self._samples * world / seconds,
+            "samples_per_s": samples / seconds,
+            "samples_per_s_per_device": samples / seconds / world,
             "step_time_s": seconds / self._steps,
-            "peak_memory_mb": peak_memory_mb(self.accelerator.device),
+            "data_wait_share": waited_s / world / seconds,
+            **self.throughput.fields(samples, seconds, world),
+            **memory_fields(self.accelerator.device),
         }
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
-        if self._tokens:
-            record["tokens_per_s"] = self._tokens * world / seconds
+        if tokens:
+            record["tokens_per_s"] = tokens / seconds
+            record["tokens_per_s_per_device"] = tokens / seconds / world
         if state.nonfinite_skipped:
             record["nonfinite_skipped"] = state.nonfinite_skipped
         if self.cfg.mixed_precision == "fp16":

@@ -9,7 +9,7 @@
 """
 
 from .batch_size import fit_batch_size
-from .batches import batch_size_of, call_model, split_batch, token_ids
+from .batches import batch_size_of, call_model, real_tokens, split_batch, token_ids
 from .loaders import build_loaders, prepare_loaders, train_position
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "call_model",
     "fit_batch_size",
     "prepare_loaders",
+    "real_tokens",
     "split_batch",
     "token_ids",
     "train_position",

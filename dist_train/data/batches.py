@@ -61,3 +61,15 @@ def token_ids(inputs) -> torch.Tensor | None:
     """The token ids of a batch (integer inputs, or `input_ids`), for tokens/s; None for other data."""
     value = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
     return value if isinstance(value, torch.Tensor) and not value.is_floating_point() else None
+
+
+def real_tokens(inputs) -> torch.Tensor | int | None:
+    """The tokens of a batch that are not padding: the attention mask's sum where there is one (a tensor,
+    left on the device), else every token id; None for data without token ids."""
+    ids = token_ids(inputs)
+    if ids is None:
+        return None
+    mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+    if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
+        return mask.sum()
+    return ids.numel()

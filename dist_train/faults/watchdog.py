@@ -54,6 +54,7 @@ class HangWatchdog:
         self.phase, self.step, self.micro = "data", 0, 0
         self._since = time.monotonic()
         self._own_s = 0.0  # time in phases that wait for no other rank (data, forward), for the straggler check
+        self._data_s = 0.0  # time waiting for the next batch, for the log's data_wait_share
         self._stop = threading.Event()
         self._thread = None
         if timeout_s:
@@ -73,6 +74,8 @@ class HangWatchdog:
         now = time.monotonic()
         if self.phase in ("data", "forward"):
             self._own_s += now - self._since
+            if self.phase == "data":
+                self._data_s += now - self._since
         if phase == "forward":
             self.micro += 1
         if step is not None:
@@ -83,6 +86,11 @@ class HangWatchdog:
         """Seconds this rank spent loading data and in forward since the last call (no collective waits)."""
         own, self._own_s = self._own_s, 0.0
         return own
+
+    def take_data_s(self) -> float:
+        """Seconds this rank waited for batches since the last call."""
+        waited, self._data_s = self._data_s, 0.0
+        return waited
 
     # ---- the watching thread ------------------------------------------------------------------
     def _watch(self) -> None:
