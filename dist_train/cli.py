@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="IMPORT_STRING",
         help="record this model (path/to/model.py:MyModel or package.module:MyModel) instead of config.yaml's, e.g. when its relative path does not resolve from here",
     )
+    export.add_argument(
+        "--weights",
+        choices=("raw", "ema"),
+        default="raw",
+        help="the trained weights (raw, default) or their exponential moving average (ema: the run set ema_decay)",
+    )
     doctor = commands.add_parser(
         "doctor",
         help="check a launch before training",
@@ -106,7 +112,7 @@ def _plot(args) -> int:
 def _export(args) -> int:
     from .export import export, parse_size
 
-    export(args.source, args.out, parse_size(args.max_shard_size), model=args.model)  # prints what it exported
+    export(args.source, args.out, parse_size(args.max_shard_size), model=args.model, ema=args.weights == "ema")  # prints what it exported
     return 0
 
 

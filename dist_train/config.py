@@ -67,6 +67,14 @@ class Config:
     warmup_steps: int = _opt(0, "Optimizer steps of linear warmup from 0 to `lr`.", minimum=0)
     max_steps: Optional[int] = _opt(None, "Stop after this many optimizer steps (overrides `epochs`).", minimum=1)
     mixed_precision: str = _opt("no", "Autocast precision through the Accelerator (fp16 needs a GPU).", choices=("no", "fp16", "bf16"))
+    ema_decay: Optional[float] = _opt(
+        None,
+        "Keep an exponential moving average of the weights with this decay per update (e.g. 0.999), validated beside them (`val_loss_ema`) and saved as model_ema.safetensors (null: off).",
+        minimum=0.0,
+    )
+    ema_warmup: bool = _opt(False, "Warm the EMA up: decay after n updates = min(ema_decay, (1 + n) / (10 + n)).")
+    ema_start_step: int = _opt(0, "Up to this optimizer step the EMA is a copy of the weights.", minimum=0)
+    ema_every: int = _opt(1, "Update the EMA every N optimizer steps.", minimum=1)
 
     # --- validation and stopping ---------------------------------------------------------------
     eval_every: Optional[int] = _opt(None, "Also validate every N optimizer steps (always at each epoch end).", minimum=1)
@@ -332,9 +340,13 @@ def _check_combinations(cfg: Config) -> None:
             raise UserError(f"log_with entry {tracker!r} is not a tracker; expected any of {', '.join(known_trackers)}.")
     if cfg.momentum and cfg.optimizer != "sgd":
         raise UserError(f"momentum={cfg.momentum} only applies to optimizer: sgd (got optimizer: {cfg.optimizer}).")
-    if cfg.monitor not in VALIDATION_METRICS:
-        raise UserError(f"monitor: {cfg.monitor!r} is never logged by validation; choose one of: {', '.join(VALIDATION_METRICS)}.")
-    if cfg.monitor == "val_accuracy" and cfg.loss == "mse":
+    monitorable = VALIDATION_METRICS + tuple(f"{m}_ema" for m in VALIDATION_METRICS if m.startswith("val_")) * (cfg.ema_decay is not None)
+    if cfg.monitor not in monitorable:
+        hint = " (the _ema metrics need ema_decay)" if cfg.monitor.endswith("_ema") else ""
+        raise UserError(f"monitor: {cfg.monitor!r} is never logged by validation{hint}; choose one of: {', '.join(monitorable)}.")
+    if cfg.ema_decay is not None and not cfg.ema_decay < 1:
+        raise UserError(f"ema_decay {cfg.ema_decay} must be below 1 (1 would never move from the initial weights); e.g. 0.999.")
+    if cfg.monitor.removesuffix("_ema") == "val_accuracy" and cfg.loss == "mse":
         raise UserError("monitor: 'val_accuracy' is never logged with loss: mse (not a classification); monitor val_loss.")
     if cfg.hang_timeout_s is not None and cfg.hang_timeout_s >= cfg.collective_timeout_s:
         raise UserError(

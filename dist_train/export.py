@@ -41,19 +41,21 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * _UNITS[match[2]])
 
 
-def choose_weights(source: Path) -> tuple[Path, str, int | None]:
+def choose_weights(source: Path, ema: bool = False) -> tuple[Path, str, int | None]:
     """The folder to export (it holds the weights and config.yaml), how to name it, and its optimizer step.
 
     A checkpoint is taken as it is. For a run directory: its final weights, which the loop writes after
     its last checkpoint, unless a complete checkpoint is newer (file mtime: a resumed training went on
-    past them); else the newest complete checkpoint (by step, as `resume: auto` picks).
+    past them); else the newest complete checkpoint (by step, as `resume: auto` picks). With `ema`, the
+    final weights are the run's `ema/` folder.
     """
     if (source / MANIFEST).exists():
         try:
             return source, f"checkpoint {source}", verify(source)["step"]
         except InvalidCheckpoint as exc:
             raise UserError(f"export: {source} is not a usable checkpoint: {exc}.") from None
-    final = next((source / name for name in (INDEX_NAME, WEIGHTS_NAME) if (source / name).is_file()), None)
+    finals = source / "ema" if ema else source
+    final = next((finals / name for name in (INDEX_NAME, WEIGHTS_NAME) if (finals / name).is_file()), None)
     candidates = []
     for path in (source / "checkpoints").glob("step_*") if source.is_dir() else []:
         with contextlib.suppress(InvalidCheckpoint):
@@ -65,7 +67,7 @@ def choose_weights(source: Path) -> tuple[Path, str, int | None]:
             verify(path)
             return path, f"checkpoint {path}", step
     if final:
-        return source, f"the final weights of {source}", _final_step(source, final)
+        return source, f"the final {'EMA ' if ema else ''}weights of {source}", _final_step(source, final)
     raise UserError(
         f"export: {source} is neither a checkpoint nor a run directory with model.safetensors or a complete checkpoint in checkpoints/."
     )
@@ -104,6 +106,17 @@ def _model_spec(spec: str, origin: str) -> str:
     return f"{path.resolve()}:{name}"
 
 
+def _ema_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The EMA weights of a run's final weights (`ema/`) or of a checkpoint (the registered EMA state)."""
+    if (folder / "ema" / WEIGHTS_NAME).is_file() or (folder / "ema" / INDEX_NAME).is_file():
+        return _read_safetensors(folder / "ema")
+    for path in sorted(folder.glob("custom_checkpoint_*.pkl")):
+        state = safe_torch_load(path)
+        if isinstance(state, dict) and set(state) == {"updates", "weights"}:  # components/ema.py's state_dict
+            return dict(state["weights"])
+    raise UserError(f"export --weights ema: {folder} holds no EMA weights (its run did not set ema_decay); export the raw weights.")
+
+
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / INDEX_NAME).exists() or (folder / WEIGHTS_NAME).exists():
         return _read_safetensors(folder)
@@ -137,17 +150,18 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
-def export(source: str | Path, out: str | Path, max_shard_bytes: int = 5 * 10**9, model: str | None = None) -> Path:
-    """Write the weights `choose_weights(source)` picks and the model's import string (`model`, else
-    config.yaml's) and model_args to `out`; prints what it exported, at which optimizer step."""
-    folder, what, step = choose_weights(Path(source))
+def export(source: str | Path, out: str | Path, max_shard_bytes: int = 5 * 10**9, model: str | None = None, ema: bool = False) -> Path:
+    """Write the weights `choose_weights(source)` picks (their EMA with `ema`) and the model's import string
+    (`model`, else config.yaml's) and model_args to `out`; prints what it exported, at which optimizer step."""
+    folder, what, step = choose_weights(Path(source), ema)
     if not (folder / "config.yaml").is_file():
         raise UserError(
             f"export: {folder} has no config.yaml (the model and model_args); export a run's output_dir or one of its checkpoints."
         )
     cfg = yaml.safe_load((folder / "config.yaml").read_text())
     model_spec = _model_spec(model, "--model") if model else _model_spec(cfg["model"], f"model in {folder / 'config.yaml'}")
-    weights = _weights(folder)
+    weights = _ema_weights(folder) if ema else _weights(folder)
+    what = what if not ema or "EMA" in what else f"the EMA weights of {what}"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _save_sharded(weights, out, max_shard_bytes)

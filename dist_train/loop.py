@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .accelerate_internals import LeanOptimizer, fix_ddp_bucket_order
 from .checkpoint import Checkpointer, RunLock
 from .components import (
+    EMA,
     Loss,
     MetricsLogger,
     NonfiniteGuard,
@@ -175,6 +176,9 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
     scheduler = accelerator.prepare(build_scheduler(cfg, optimizer.stepped, total_steps))
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    ema = EMA(cfg, model) if cfg.ema_decay is not None else None  # the EMA weights, per shard under FSDP (ema.py)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)  # after TrainState: its file index stays 0
     checkpointer = Checkpointer(cfg, accelerator, state, model, optimizer.accelerated, scheduler)
     teardown.callback(checkpointer.close)  # a background checkpoint write finishes on every exit
     # Before anything reads `state` (progress bar, profiler, the stop test). A mid-epoch position is restored
@@ -199,7 +203,7 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
         )
     )
     checkpointer.before_save.append(lambda: metrics.carry_into(state))  # the unlogged loss sums go into checkpoints
-    validator = Validator(cfg, accelerator, model, val_loader, loss_fn, metrics, watchdog)
+    validator = Validator(cfg, accelerator, model, val_loader, loss_fn, metrics, watchdog, ema)
     guard = NonfiniteGuard(cfg, accelerator, model)
     unused = UnusedParameterCheck(cfg, accelerator, model)
     micro_batch_samples = cfg.batch_size * accelerator.num_processes
@@ -257,6 +261,8 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
             else:
                 scheduler.step()
             state.optimizer_step += 1
+            if ema is not None:
+                ema.after_step(state.optimizer_step, stepped=finite and not accelerator.optimizer_step_was_skipped)
             watchdog.at("step boundary", step=state.optimizer_step)
             epoch_ended = accelerator.gradient_state.end_of_dataloader
             last_step = state.optimizer_step >= total_steps or (epoch_ended and state.epoch + 1 >= _epoch_limit(cfg))
@@ -293,6 +299,9 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
     checkpointer.wait()  # the last checkpoint is complete before the run reports success
     if cfg.checkpoints:
         checkpointer.save_final(model)
+        if ema is not None:
+            with ema.applied():
+                checkpointer.save_final(model, subfolder="ema")  # output_dir/ema/model.safetensors
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         plot_if_available(out)  # curves.png, when matplotlib is installed

@@ -189,14 +189,14 @@ class Checkpointer(Resuming):
             if error:
                 _warn(error)
 
-    def save_final(self, model) -> Path:
-        """`output_dir/model.safetensors`: the final weights, keyed as in the user's model, replaced atomically.
+    def save_final(self, model, subfolder: str = "") -> Path:
+        """`output_dir/model.safetensors` (or `output_dir/SUBFOLDER/`): the final weights, keyed as in the user's model, replaced atomically.
 
         Written to a temporary folder and moved into place, so a full disk or a kill mid-write never
         leaves a truncated file where a previous run's final weights were.
         """
-        acc, out = self.accelerator, Path(self.cfg.output_dir)
-        tmp, error = out / ".tmp-final", None
+        acc, out = self.accelerator, Path(self.cfg.output_dir) / subfolder
+        tmp, error = Path(self.cfg.output_dir) / ".tmp-final", None
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
@@ -204,6 +204,7 @@ class Checkpointer(Resuming):
             # compile: true wraps the prepared model once more; its keys would gain an `_orig_mod.` prefix.
             acc.save_model(getattr(model, "_orig_mod", model), tmp, safe_serialization=True)
             if acc.is_main_process:
+                out.mkdir(exist_ok=True)
                 for written in sorted(tmp.iterdir()):
                     os.replace(written, out / written.name)
                 fsync_path(out)

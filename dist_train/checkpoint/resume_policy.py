@@ -28,6 +28,12 @@ QUIET = {"resume", "progress", "output_dir"}
 def check_changes(saved: dict, cfg: Config, checkpoint: str) -> list[str]:
     """Refuse (UserError) a change `cfg` cannot continue; return one line per applied change."""
     current = dataclasses.asdict(cfg)
+    if (saved.get("ema_decay") is None) != (cfg.ema_decay is None):  # a checkpoint from before EMA has none
+        have = "has no EMA weights to continue" if cfg.ema_decay is not None else "holds EMA weights this run would drop"
+        raise UserError(
+            f"ema_decay changes from {saved.get('ema_decay')!r} to {cfg.ema_decay!r} since checkpoint {checkpoint}, which {have}. "
+            f"Resume with ema_decay: {saved.get('ema_decay')!r}, or start a new run (resume: never, another output_dir)."
+        )
     changed = [key for key in current if key in saved and saved[key] != current[key]]
     for key in changed:
         fp16_switch = key == "mixed_precision" and "fp16" in (saved[key], current[key])

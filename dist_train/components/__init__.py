@@ -5,9 +5,11 @@ Each component owns its policy (whether it is due, what it does); the loop owns 
 - `loss.py`: the built-in losses, the model's own, the user's function; the per-sample form.
 - `optim.py`: the optimizer (fused where exact) and the lr schedule.
 - `nonfinite.py`: NaN/inf steps, stopped or skipped; `unused.py`: parameters DDP would fail on.
-- `logger.py`: `metrics.jsonl` and the trackers; `plot.py`: the curves; `profiling.py`: the profiler window.
+- `ema.py`: the EMA weights.
+- `logger.py`: `metrics.jsonl` and the trackers; `throughput.py`: FLOPs, MFU, memory, data wait; `plot.py`: the curves; `profiling.py`: the profiler window.
 """
 
+from .ema import EMA
 from .logger import MetricsLogger, check_trackers_installed
 from .loss import Loss, logits_of
 from .nonfinite import NonfiniteGuard, grad_norm
@@ -17,6 +19,7 @@ from .profiling import StepProfiler
 from .unused import UnusedParameterCheck
 
 __all__ = [
+    "EMA",
     "Loss",
     "MetricsLogger",
     "NonfiniteGuard",

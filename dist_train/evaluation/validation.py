@@ -17,8 +17,10 @@ from .stopping import EarlyStopping
 
 
 class Validator:
-    def __init__(self, cfg: Config, accelerator: Accelerator, model, val_loader, loss_fn: Loss, metrics: MetricsLogger, watchdog=None):
-        self.cfg, self.accelerator, self.watchdog = cfg, accelerator, watchdog
+    def __init__(
+        self, cfg: Config, accelerator: Accelerator, model, val_loader, loss_fn: Loss, metrics: MetricsLogger, watchdog=None, ema=None
+    ):
+        self.cfg, self.accelerator, self.watchdog, self.ema = cfg, accelerator, watchdog, ema
         self.model, self.val_loader, self.loss_fn, self.metrics = model, val_loader, loss_fn, metrics
         self.early_stopping = EarlyStopping(cfg)
         self.max_batches = cfg.limit_val_batches
@@ -36,6 +38,12 @@ class Validator:
         on_batch = (lambda: self.watchdog.at("validation")) if self.watchdog else None
         with self.metrics.untimed():
             values = evaluate(self.model, self.val_loader, self.loss_fn, self.accelerator, self.cfg.data, self.max_batches, on_batch)
+            if self.ema is not None:  # the EMA weights on the same set: val_loss_ema, val_accuracy_ema
+                with self.ema.applied():
+                    averaged = evaluate(
+                        self.model, self.val_loader, self.loss_fn, self.accelerator, self.cfg.data, self.max_batches, on_batch
+                    )
+                values.update({f"{key}_ema": value for key, value in averaged.items() if key.startswith("val_") and key != "val_samples"})
         self.last = self.metrics.log_eval(state, values)
         self.early_stopping.update(state, self.last)
         if self.early_stopping.should_stop(state):
