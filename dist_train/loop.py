@@ -49,7 +49,16 @@ from .config import Config, resolve_modes
 from .data import build_loaders, call_model, fit_batch_size, prepare_loaders, split_batch, train_position
 from .errors import UserError
 from .evaluation import Validator
-from .faults import HangWatchdog, Preemption, StragglerMonitor, begin_attempt, clear_stale, enable_flight_recorder, process_group_kwargs
+from .faults import (
+    HangWatchdog,
+    LauncherWatch,
+    Preemption,
+    StragglerMonitor,
+    begin_attempt,
+    clear_stale,
+    enable_flight_recorder,
+    process_group_kwargs,
+)
 from .plugins import build_model
 from .state import TrainState
 
@@ -159,6 +168,7 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
+    launcher = LauncherWatch()  # the process that started this rank, noted before anything slow (faults/launcher.py)
     cfg = resolve_modes(cfg)  # fast_dev_run becomes the ordinary settings it stands for, once
     check_trackers_installed(cfg.log_with)  # Accelerate itself would only warn and drop a missing one
     accelerator = make_accelerator(cfg)
@@ -187,7 +197,8 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
     apply_config(optimizer.stepped, scheduler.scheduler, cfg)  # a resumed run follows this config's lr, not the checkpoint's
     if accelerator.is_main_process:  # only now: a refused resume leaves the previous run's config.yaml as it was
         (out / "config.yaml").write_text(cfg.to_yaml())  # the config that runs (auto_batch_size's size included)
-    preemption = teardown.enter_context(Preemption(accelerator))  # SIGUSR1/SIGTERM only set a flag; acted on between steps
+    # SIGUSR1/SIGTERM only set a flag, as the launcher's death does; acted on between steps
+    preemption = teardown.enter_context(Preemption(accelerator, launcher))
 
     watchdog = teardown.enter_context(HangWatchdog(cfg.hang_timeout_s, out, accelerator.process_index, accelerator.num_processes))
     watchdog.at("step boundary", step=state.optimizer_step)

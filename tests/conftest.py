@@ -34,6 +34,7 @@ SLOW_TESTS = {
     "test_doctor_fails_when_the_process_group_does_not_form",
     "test_sigterm_to_one_rank_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run",
     "test_a_killed_rank_ends_the_whole_job_naming_it",
+    "test_a_dead_launcher_stops_its_workers_and_the_rerun_resumes_bitwise",
     "test_preemption_side_group_uses_the_collective_timeout",
     # test_checkpoint
     "test_resume_on_another_world_size_sees_each_sample_once_per_epoch",

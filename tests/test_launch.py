@@ -7,6 +7,8 @@ The SLURM scripts run for real in test_slurm.py.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import re
 import shutil
@@ -19,7 +21,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, SLOW_MODEL, cli_command, load_weights, read_metrics, run_cli, seed_project_args, write_seed_project
+from helpers import (
+    REPO,
+    SLOW_MODEL,
+    cli_command,
+    load_weights,
+    read_metrics,
+    run_cli,
+    run_clis,
+    seed_project_args,
+    start_cli,
+    write_seed_project,
+)
 
 LAUNCH_CONFIGS = sorted((REPO / "launch_configs").glob("*.yaml"))
 SHELL_SCRIPTS = sorted(
@@ -327,6 +340,109 @@ def test_a_killed_rank_ends_the_whole_job_naming_it(project, tmp_path):
     assert job.returncode != 0
     root_cause = output[output.index("Root Cause") :]
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", root_cause) and "SIGKILL" in root_cause, output[-3000:]
+
+
+@contextlib.contextmanager
+def _adopting_orphans():
+    """While inside, this process adopts its orphaned descendants (PR_SET_CHILD_SUBREAPER) instead of
+    init, so the test can wait for them and read their exit status."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0, os.strerror(ctypes.get_errno())
+    try:
+        yield
+    finally:
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _adopted(marker: Path) -> list[int]:
+    """This process's children whose command line names `marker` (a run's folder)."""
+    return [pid for pid in _children(os.getpid()) if str(marker).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def _reap(pids: list[int], timeout_s: float) -> dict[int, int | None]:
+    """pid -> exit status of each adopted process, waiting up to timeout_s; None for one still running (then killed)."""
+    codes, deadline = {}, time.monotonic() + timeout_s
+    while len(codes) < len(pids) and time.monotonic() < deadline:
+        for pid in set(pids) - codes.keys():
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                codes[pid] = os.waitstatus_to_exitcode(status)
+        time.sleep(0.1)
+    for pid in set(pids) - codes.keys():
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        codes[pid] = None
+    return codes
+
+
+def test_a_dead_launcher_stops_its_workers_and_the_rerun_resumes_bitwise(project, tmp_path):
+    """SIGKILL to the launcher's process group (its workers live in sessions of their own): both workers
+    notice, agree, save a checkpoint and exit 129 within 10 s, naming the launcher; the run lock is free at
+    once and the rerun resumes from that checkpoint, ending bitwise as the uninterrupted run. Twice at once:
+    plain, and with async_checkpoint (a background write every 2 steps) and 2 DataLoader workers per rank.
+    Beside them, a run without a launcher (`python -m dist_train` in a shell that exits mid-run) trains on."""
+    args = lambda out, *extra: _slow_args(project, out, 0.05, "epochs=3", "resume=auto", *extra)
+    configs = {"plain": [], "async": ["async_checkpoint=true", "checkpoint_every=2", "num_workers=2"]}
+    reference = start_cli(args(tmp_path / "reference"), nproc=2)
+    with _adopting_orphans():
+        nohup = subprocess.Popen(  # the shell exits once training runs; its orphan must not care
+            [
+                "bash",
+                "-c",
+                f'"$@" >{tmp_path}/nohup.log 2>&1 & echo $!; until [ -s {tmp_path}/nohup/metrics.jsonl ]; do sleep 0.2; done',
+                "bash",
+            ]
+            + cli_command(_slow_args(project, tmp_path / "nohup", 0.05, "epochs=1")),
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        launchers = {}
+        for name, extra in configs.items():
+            with open(tmp_path / f"{name}.log", "w") as log:  # the workers write to the same file
+                launchers[name] = subprocess.Popen(
+                    cli_command(args(tmp_path / name, *extra), nproc=2),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group, to kill as `kill -9 -PGID` would
+                    env={**os.environ, "OMP_NUM_THREADS": "1"},
+                )
+        workers = {}
+        for name, launcher in launchers.items():
+            _wait_for_training(tmp_path / name, launcher)
+        for name, launcher in launchers.items():  # both mid-run
+            workers[name] = _children(launcher.pid)
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()  # its workers are this process's children from here on
+        stopped = {name: _reap(pids, timeout_s=10) for name, pids in workers.items()}
+        for name, launcher in launchers.items():
+            _reap(_adopted(tmp_path / name), timeout_s=60)  # DataLoader workers, once their rank has left
+            log = (tmp_path / f"{name}.log").read_text()
+            assert sorted(stopped[name].values()) == [129, 129], (name, stopped[name], log[-4000:])
+            assert f"dist_train: error: the launcher of ranks 0, 1 (pid {launcher.pid} on " in log, log[-4000:]
+            assert "died; every rank stopped after saving a checkpoint. Rerun the same command to resume" in log
+        nohup_pid = int(nohup.stdout.readline())
+        nohup.wait()
+        assert _reap([nohup_pid], timeout_s=300) == {nohup_pid: 0}, (tmp_path / "nohup.log").read_text()[-4000:]
+    assert (tmp_path / "nohup" / "model.safetensors").exists()
+
+    saved = {}
+    for name in configs:
+        checkpoints = tmp_path / name / "checkpoints"
+        assert not list(checkpoints.glob(".tmp-*")) and not (tmp_path / name / "model.safetensors").exists(), name
+        saved[name] = int(sorted(checkpoints.glob("step_*"))[-1].name.split("_")[1])
+        assert 0 < saved[name] < 48, (name, saved[name])
+    reruns = run_clis(*({"args": args(tmp_path / name, *extra), "nproc": 2} for name, extra in configs.items()))
+    reference.result()
+    for (name, rerun), step in zip(zip(configs, reruns), saved.values()):
+        assert f"at optimizer step {step}" in rerun.stdout, (name, rerun.stdout[-3000:])
+        expected, got = load_weights(tmp_path / "reference"), load_weights(tmp_path / name)
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), (name, key)
+    print(f"\nlauncher killed; the workers left {stopped} and saved at steps {saved}")
 
 
 # ---- lint --------------------------------------------------------------------------------------

@@ -16,32 +16,44 @@ the flag is agreed by all ranks (one step late, see `requested`), and all of the
 USR1 means "the job will be requeued": the main process runs `scontrol requeue` *after* the
 checkpoint is complete (the batch shell cannot know when that is). TERM means the job is going away
 (cancelled, or SLURM requeues it itself): save if there is time, do not requeue, so `scancel` stops.
+The death of a rank's launcher (launcher.py) takes the TERM path: agreed, saved, exit 129, no requeue.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 
 import torch
 import torch.distributed as dist
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 from ..accelerate_internals import process_group_timeout
+from .launcher import LauncherWatch
 
-# Agreed flag values; the largest wins across ranks: a requeue request beats a plain stop.
-_NONE, _STOP, _REQUEUE = 0, 1, 2
+# Agreed flag values; the largest wins across ranks: a requeue request beats a plain stop, and a dead
+# launcher (_ORPHANED) beats TERM, so the exit says why.
+_NONE, _STOP, _ORPHANED, _REQUEUE = 0, 1, 2, 3
 _SIGNAL_ACTION = {signal.SIGTERM: _STOP, signal.SIGUSR1: _REQUEUE}
+# The exit status of a run stopped (not requeued): 128 + the signal a shell would report. SIGHUP for a
+# dead launcher: "the controlling process died".
+_EXIT_SIGNAL = {_STOP: signal.SIGTERM, _ORPHANED: signal.SIGHUP, _REQUEUE: signal.SIGUSR1}
 
 
 class Preemption:
-    """Signal flag of this process, agreed across ranks at step boundaries. All ranks call `requested`."""
+    """Signal flag of this process, agreed across ranks at step boundaries. All ranks call `requested`.
 
-    def __init__(self, accelerator):
+    `launcher`: the watch on the process that launched this rank (noted early, see launcher.py); its
+    death sets the flag as TERM does."""
+
+    def __init__(self, accelerator, launcher: LauncherWatch | None = None):
         self.accelerator = accelerator
+        self.launcher = launcher
+        self.orphaned = False  # this rank's launcher died
         self._local = _NONE
         self.action = _NONE
         self.signal_name: str | None = None
@@ -78,6 +90,10 @@ class Preemption:
         on the CPU, so it never synchronizes the device (that path is not tested on a GPU yet).
         (Accelerate has no asynchronous or MAX reduction, hence torch.distributed directly.)
         """
+        if not self.orphaned and self.launcher is not None and self.launcher.died():
+            self.orphaned = True
+            self._local = max(self._local, _ORPHANED)
+            self.signal_name = self.signal_name or "the launcher's death"
         if self._group is None:  # one process: nothing to agree on
             self.action = self._local
             return self.action != _NONE
@@ -97,15 +113,20 @@ class Preemption:
     def exit_code(self) -> int:
         """The status of a run that stopped here without being requeued: 128 + the signal, as a shell
         reports a process that signal ended, so a caller never takes an unfinished run for a finished one."""
-        return 128 + (signal.SIGUSR1 if self.action == _REQUEUE else signal.SIGTERM)
+        return 128 + _EXIT_SIGNAL.get(self.action, signal.SIGTERM)
 
     def requeue(self) -> bool:
         """`scontrol requeue` this job (array task aware) if USR1 asked for it; whether it was requeued (all ranks)."""
         acc = self.accelerator
         job = slurm_job_id()
         requeued = False
+        if self.action == _ORPHANED:  # which ranks' launchers died, for the main process's line (all ranks gather)
+            mine = [(acc.process_index, socket.gethostname(), self.launcher.pid)] if self.orphaned else []
+            orphans = gather_object(mine)
         if acc.is_main_process:
-            if self.action != _REQUEUE:
+            if self.action == _ORPHANED:
+                print(f"dist_train: error: {describe_orphans(orphans)}", file=sys.stderr, flush=True)
+            elif self.action != _REQUEUE:
                 print("dist_train: stopped by SIGTERM after saving a checkpoint; not requeueing", flush=True)
             elif job is None:
                 print("dist_train: preempted: checkpoint saved; not under SLURM, so resubmit the same command to resume", flush=True)
@@ -138,6 +159,18 @@ class Preemption:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def describe_orphans(orphans: list[tuple[int, str, int]]) -> str:
+    """One line: whose launcher died (rank, host, launcher pid), what was done, how to go on."""
+    launchers: dict[tuple[str, int], list[int]] = {}
+    for rank, host, pid in sorted(orphans):
+        launchers.setdefault((host, pid), []).append(rank)
+    whose = "; ".join(
+        f"the launcher of rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} (pid {pid} on {host})"
+        for (host, pid), ranks in launchers.items()
+    )
+    return f"{whose or 'a launcher'} died; every rank stopped after saving a checkpoint. Rerun the same command to resume (resume: auto)."
 
 
 def slurm_job_id() -> str | None:
