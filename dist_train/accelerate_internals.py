@@ -22,11 +22,22 @@ on any other version, so an upgrade is a deliberate act: rerun the suite, then w
   torch RNG, one draw more in a run resumed mid-epoch than in an uninterrupted one.
 - `is_out_of_memory`: `accelerate.utils.memory.should_reduce_batch_size` (not exported by
   `accelerate.utils`), the test `find_executable_batch_size` retries on.
+- `check_launch_backend` / `shard_on_cpu`: FSDP2 on a machine without a GPU. `AcceleratorState` only
+  becomes `DistributedType.FSDP` for GPU-like device types; in CPU mode it builds the plugin from the
+  launcher's `FSDP_*` variables and drops it without a word, and the model comes back as DDP. `shard_on_cpu`
+  sets the state's `fsdp_plugin` and `distributed_type` (and `PartialState`'s type, which the collectives
+  read) right after the Accelerator is built, before `prepare`: everything downstream (`fully_shard`,
+  DTensor parameters, `save_state`/`load_state` through `torch.distributed.checkpoint`, `save_model`) is
+  Accelerate's own FSDP2 path, which works on gloo. `check_launch_backend` turns the settings that cannot
+  work into one line before the Accelerator exists (FSDP1's plugin raises from `__post_init__` without a
+  GPU; DeepSpeed's import fails inside the constructor).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -34,8 +45,11 @@ from pathlib import Path
 import accelerate
 import torch
 from accelerate.optimizer import AcceleratedOptimizer
-from accelerate.utils import DistributedType
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils.memory import should_reduce_batch_size
+
+from .errors import UserError
 
 TESTED_ACCELERATE = ("1.15",)  # major.minor releases this module was checked against
 
@@ -144,3 +158,50 @@ def seed_dispatched_workers(loader) -> None:
     base = getattr(loader, "base_dataloader", None)
     if base is not None and base.generator is None:
         base.generator = torch.Generator()
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def fsdp_requested() -> bool:
+    """Whether the launcher asked for FSDP (`distributed_type: FSDP` in its config sets ACCELERATE_USE_FSDP)."""
+    return _env_flag("ACCELERATE_USE_FSDP")
+
+
+def check_launch_backend(has_gpu: bool) -> None:
+    """Before the Accelerator is built: a launch config that cannot run here is one UserError, not a traceback."""
+    if _env_flag("ACCELERATE_USE_DEEPSPEED") and importlib.util.find_spec("deepspeed") is None:
+        raise UserError(
+            "the launch config asks for DeepSpeed (distributed_type: DEEPSPEED), and the deepspeed package is not "
+            "installed: pip install deepspeed (it needs GPUs), or launch with launch_configs/fsdp.yaml to shard with FSDP2."
+        )
+    if not fsdp_requested() or has_gpu:
+        return
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise UserError(
+            f"the launch config asks for FSDP version {version} (fsdp_version) on a machine without a GPU: FSDP1 needs a "
+            "GPU. Set fsdp_version: 2 in its fsdp_config (launch_configs/fsdp_cpu.yaml runs FSDP2 on CPU)."
+        )
+
+
+def shard_on_cpu(accelerator, mixed_precision: str) -> None:
+    """Make a CPU-mode Accelerator launched for FSDP2 an FSDP2 one (see the module docstring); call it before
+    `prepare`. Does nothing where Accelerate already chose FSDP (GPUs) or where FSDP was not asked for.
+
+    CPU offload (`fsdp_offload_params: true`) keeps the sharded parameters on the host between uses without
+    pinning them: Accelerate's policy pins by default, and pinned memory needs a GPU.
+    """
+    if not fsdp_requested() or accelerator.distributed_type == DistributedType.FSDP:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables, as Accelerate builds it
+    if _env_flag("FSDP_OFFLOAD_PARAMS"):
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
+    if mixed_precision != "no":
+        plugin.set_mixed_precision(mixed_precision)  # as AcceleratorState does for FSDP on GPUs
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState().distributed_type = DistributedType.FSDP

@@ -28,7 +28,7 @@ from accelerate.utils import (
 )
 from tqdm.auto import tqdm
 
-from .accelerate_internals import LeanOptimizer, fix_ddp_bucket_order
+from .accelerate_internals import LeanOptimizer, check_launch_backend, fix_ddp_bucket_order, shard_on_cpu
 from .checkpoint import Checkpointer, RunLock
 from .components import (
     EMA,
@@ -68,6 +68,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     cuda = torch.cuda.is_available() and not cfg.cpu
     if cfg.mixed_precision == "fp16" and not cuda:
         raise UserError("mixed_precision: fp16 needs a CUDA GPU (its loss scaler is GPU-only); use bf16 on CPU, or no.")
+    check_launch_backend(has_gpu=cuda)  # FSDP1 or DeepSpeed where they cannot run: one line, before Accelerate raises
     if cuda and cfg.hang_timeout_s:
         enable_flight_recorder(Path(cfg.output_dir) / "diagnostics")  # before NCCL's process group exists
     # startup_timeout_s to form the group; per-attempt store keys under an elastic agent (faults/restarts.py).
@@ -88,6 +89,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
             DistributedDataParallelKwargs(find_unused_parameters=cfg.find_unused_parameters),
         ],
     )
+    shard_on_cpu(accelerator, cfg.mixed_precision)  # FSDP2 on gloo where Accelerate would fall back to DDP
     launched_world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched_world_size:
         raise UserError(

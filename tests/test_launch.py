@@ -104,10 +104,11 @@ def test_launch_config_loads_with_accelerates_own_loader(path):
     text = path.read_text()
     assert text.startswith("#") and "When to use" in text and ("What to change" in text or "what to change" in text.lower())
     assert config.num_processes >= 1 and config.compute_environment.value == "LOCAL_MACHINE"
-    if path.name == "fsdp.yaml":
-        assert config.fsdp_config["fsdp_sharding_strategy"] == "FULL_SHARD"
+    if path.name in ("fsdp.yaml", "fsdp_cpu.yaml"):
+        assert config.fsdp_config["fsdp_version"] == 2 and config.fsdp_config["fsdp_reshard_after_forward"] is True  # full shard
         assert config.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
-        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "SIZE_BASED_WRAP" and config.mixed_precision == "bf16"
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "SIZE_BASED_WRAP"
+        assert config.mixed_precision == ("bf16" if path.name == "fsdp.yaml" else "no") and config.use_cpu == (path.name == "fsdp_cpu.yaml")
     if path.name == "deepspeed_zero2.yaml":
         assert config.deepspeed_config["zero_stage"] == 2
 
