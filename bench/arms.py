@@ -90,6 +90,7 @@ def seed_loop(
     compile: bool = False,
     batch_size: int | None = None,
     record: dict | None = None,
+    extra: dict | None = None,
 ) -> list[float]:
     """The seed's loop, as a user writes it; returns the mean step time (s) of each window after the first.
 
@@ -143,8 +144,9 @@ def dist_train_config(
     bf16: bool = False,
     compile: bool = False,
     batch_size: int | None = None,
+    extra: dict | None = None,
 ) -> dict:
-    """The config (as key -> value) that makes dist_train run the same training as `seed_loop`."""
+    """The config (as key -> value) that makes dist_train run the same training as `seed_loop` (plus `extra`)."""
     w = WORKLOADS[workload]
     batch_size = batch_size or w.batch_size
     return {
@@ -168,6 +170,7 @@ def dist_train_config(
         "cpu": device == "cpu",
         "mixed_precision": "bf16" if bf16 else "no",
         "compile": compile,
+        **(extra or {}),
     }
 
 
@@ -191,6 +194,7 @@ def dist_train_loop(
     compile: bool = False,
     batch_size: int | None = None,
     record: dict | None = None,
+    extra: dict | None = None,
 ) -> list[float]:
     """dist_train's real loop (`dist_train.loop.train`) in this process; window step times as `seed_loop`.
 
@@ -205,7 +209,17 @@ def dist_train_loop(
         cfg = load_config(
             None,
             **dist_train_config(
-                workload, steps, window, out, seed=seed, lr=lr, device=device, bf16=bf16, compile=compile, batch_size=batch_size
+                workload,
+                steps,
+                window,
+                out,
+                seed=seed,
+                lr=lr,
+                device=device,
+                bf16=bf16,
+                compile=compile,
+                batch_size=batch_size,
+                extra=extra,
             ),
         )
         with contextlib.redirect_stdout(io.StringIO()), StepClock(window, device) as clock:

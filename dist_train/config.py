@@ -21,6 +21,7 @@ from typing import Any, Optional
 import yaml
 
 from .errors import UserError
+from .eval_spec import monitorable
 
 DEFAULT_MODEL = "dist_train.examples.digits:DigitsMLP"
 DEFAULT_DATA = "dist_train.examples.digits:get_dataloader"
@@ -81,7 +82,18 @@ class Config:
     early_stopping_patience: Optional[int] = _opt(
         None, "Stop after this many validations without improvement of `monitor` (null: never).", minimum=1
     )
-    monitor: str = _opt("val_loss", "Validation metric watched by early stopping and `keep_best`.")
+    metrics: list = _opt(
+        [],
+        "Metrics of every evaluation, over exactly the set's samples on any world size: `accuracy`, `topK_accuracy` (e.g. `top5_accuracy`), `mse`, `mae`, or `{name, metric: IMPORT_STRING, args}` naming a torchmetrics Metric or a function `(outputs, targets) -> per-sample values` (docs/evaluation.md). Logged as `val_NAME`.",
+    )
+    eval_sets: dict = _opt(
+        {},
+        "Evaluation sets besides validation, name -> `{}` (your `get_dataloader(cfg, False, split=NAME)`), an import string of `fn(cfg)`, or `{data, split, every, metrics}`; logged as `NAME_loss`, `NAME_<metric>` (docs/evaluation.md).",
+    )
+    monitor: str = _opt(
+        "val_loss",
+        "Metric watched by early stopping and `keep_best`: any key every validation logs (`val_loss`, `val_<metric>`, `<set>_<metric>`).",
+    )
     monitor_mode: str = _opt("min", "Whether a smaller or larger `monitor` is better.", choices=("min", "max"))
 
     # --- machine and run -----------------------------------------------------------------------
@@ -169,9 +181,6 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-
-VALIDATION_METRICS = ("val_loss", "val_accuracy", "train_loss")
-"""What a validation record can hold for `monitor` (val_accuracy: classification only, checked at the first validation)."""
 
 
 def _key_docs():
@@ -340,14 +349,17 @@ def _check_combinations(cfg: Config) -> None:
             raise UserError(f"log_with entry {tracker!r} is not a tracker; expected any of {', '.join(known_trackers)}.")
     if cfg.momentum and cfg.optimizer != "sgd":
         raise UserError(f"momentum={cfg.momentum} only applies to optimizer: sgd (got optimizer: {cfg.optimizer}).")
-    monitorable = VALIDATION_METRICS + tuple(f"{m}_ema" for m in VALIDATION_METRICS if m.startswith("val_")) * (cfg.ema_decay is not None)
-    if cfg.monitor not in monitorable:
-        hint = " (the _ema metrics need ema_decay)" if cfg.monitor.endswith("_ema") else ""
-        raise UserError(f"monitor: {cfg.monitor!r} is never logged by validation{hint}; choose one of: {', '.join(monitorable)}.")
     if cfg.ema_decay is not None and not cfg.ema_decay < 1:
         raise UserError(f"ema_decay {cfg.ema_decay} must be below 1 (1 would never move from the initial weights); e.g. 0.999.")
     if cfg.monitor.removesuffix("_ema") == "val_accuracy" and cfg.loss == "mse":
         raise UserError("monitor: 'val_accuracy' is never logged with loss: mse (not a classification); monitor val_loss.")
+    # val_accuracy (and NAME_accuracy): classification only, checked again at the first validation.
+    names = monitorable(cfg.metrics, cfg.eval_sets, classification=cfg.loss != "mse")
+    if cfg.ema_decay is not None:  # every evaluated value has its twin for the EMA weights
+        names += [f"{name}_ema" for name in names if name != "train_loss"]
+    if cfg.monitor not in names:
+        hint = " (the _ema metrics need ema_decay)" if cfg.monitor.endswith("_ema") and cfg.ema_decay is None else ""
+        raise UserError(f"monitor: {cfg.monitor!r} is never logged by validation{hint}; choose one of: {', '.join(names)}.")
     if cfg.hang_timeout_s is not None and cfg.hang_timeout_s >= cfg.collective_timeout_s:
         raise UserError(
             f"hang_timeout_s ({cfg.hang_timeout_s}) must be shorter than collective_timeout_s ({cfg.collective_timeout_s}): "

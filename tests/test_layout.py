@@ -17,13 +17,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dist_train"
 # Lowest first. A unit imports only from units on a lower floor (or from inside itself).
 FLOORS = [
     {"errors", "_version", "state", "examples"},
+    {"eval_spec"},
     {"config"},
     {"accelerate_internals", "plugins"},
     {"data", "checkpoint"},
     {"components"},
     {"evaluation", "faults"},
     {"loop", "export"},
-    {"doctor", "__init__"},
+    {"doctor", "__init__", "inference"},
     {"cli"},
     {"__main__"},
 ]

@@ -3,6 +3,7 @@
 - `loaders.py`: `build_loaders` / `prepare_loaders`, the training order of `(seed, epoch)`, the resume position.
 - `user_order.py`: the user's own sampler or `batch_sampler`, drawn per epoch from the same seed.
 - `streams.py`: streams (`IterableDataset`), read on rank 0 and dealt, or read per rank when already split.
+- `eval_order.py`: an evaluation set as one fixed list of samples (the user's sampler drawn once).
 - `fastdata.py`: the in-memory fast path for tensor datasets.
 - `batches.py`: what a batch is (`(inputs, targets)` or a dict), how the model is called on it.
 - `batch_size.py`: `auto_batch_size`, the largest batch that fits on every rank.
@@ -10,16 +11,18 @@
 
 from .batch_size import fit_batch_size
 from .batches import batch_size_of, call_model, real_tokens, split_batch, token_ids
-from .loaders import build_loaders, prepare_loaders, train_position
+from .loaders import build_loaders, eval_loader, prepare_loaders, split_if_stream, train_position
 
 __all__ = [
     "batch_size_of",
     "build_loaders",
     "call_model",
+    "eval_loader",
     "fit_batch_size",
     "prepare_loaders",
     "real_tokens",
     "split_batch",
+    "split_if_stream",
     "token_ids",
     "train_position",
 ]

@@ -46,6 +46,7 @@ from ..accelerate_internals import seed_dispatched_workers
 from ..config import Config
 from ..errors import UserError
 from ..plugins import check_call, resolve
+from .eval_order import fixed_order
 from .fastdata import EpochBatchSampler, TensorBatches, already_batched, can_use_fast_path, dataset_tensors
 from .streams import StreamBatches, split_by_rank, stream_loader
 from .user_order import UserOrder, epoch_seed
@@ -299,9 +300,22 @@ def build_loaders(cfg: Config, world_size: int) -> tuple[DataLoader, DataLoader]
     if cfg.overfit_batches:
         train_loader, val_loader = _overfit_loaders(train_loader, cfg, world_size)
     train_loader = _with_epoch_sampler(train_loader, cfg, world_size)
-    if world_size > 1 and isinstance(val_loader.dataset, IterableDataset):
-        val_loader.per_rank = split_by_rank(val_loader, cfg, "validation")
-    return train_loader, val_loader
+    return train_loader, split_if_stream(fixed_order(val_loader, "validation"), cfg, world_size, "validation")
+
+
+def eval_loader(obj, cfg: Config, what: str) -> DataLoader:
+    """An evaluation DataLoader of what the user's data code returned (a DataLoader or a Dataset), over a fixed list of samples."""
+    loader = _as_loader(obj, cfg, False)
+    if not isinstance(loader.dataset, IterableDataset) and len(loader.dataset) == 0:
+        raise UserError(f"data: the {what} dataset is empty; check data_args (e.g. the data path).")
+    return fixed_order(loader, what)
+
+
+def split_if_stream(loader: DataLoader, cfg: Config, world_size: int, what: str) -> DataLoader:
+    """An evaluation loader, marked `per_rank` when it is a stream already split per rank (streams.py)."""
+    if world_size > 1 and isinstance(loader.dataset, IterableDataset):
+        loader.per_rank = split_by_rank(loader, cfg, what)
+    return loader
 
 
 def prepare_loaders(accelerator, *objects) -> list:

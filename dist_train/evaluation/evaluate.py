@@ -9,9 +9,12 @@ from accelerate.utils import reduce
 from ..components import Loss, logits_of
 from ..data import batch_size_of, call_model, split_batch
 from ..errors import UserError
+from .metrics import MetricSet
 
 
 def _is_classification(loss: Loss, outputs, targets) -> bool:
+    if isinstance(targets, torch.Tensor) and targets.is_floating_point():
+        return False  # e.g. class probabilities as targets (soft labels): no accuracy to count
     if loss.is_classification:
         return True
     return (
@@ -44,30 +47,43 @@ def _rows(value, count: int):
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss: Loss, accelerator: Accelerator, data_spec: str, max_batches: int | None = None, on_batch=None) -> dict:
-    """Mean per-sample loss (and accuracy for classification) over every validation sample, once.
+def evaluate(
+    model,
+    loader,
+    loss: Loss,
+    accelerator: Accelerator,
+    data_spec: str,
+    max_batches: int | None = None,
+    on_batch=None,
+    metrics: MetricSet | None = None,
+    prefix: str = "val",
+) -> dict:
+    """Mean per-sample loss (and accuracy for classification) and `metrics` over every sample of a set, once.
 
-    Per-sample values are gathered with `gather_for_metrics`, which drops the duplicates Accelerate
-    pads the last batch with, and summed in float64: the result equals a single process's mean over
-    the same set up to float32 rounding of the individual losses. A loss that is one mean per batch
-    (e.g. the one a model computes) counts once per sample of its batch; in a padded last batch it is
-    recomputed over the real rows, so the duplicates never weigh in.
+    Each rank adds up its *real* rows only: all of them, except in the last round of a padded set, where
+    Accelerate filled the ranks' batches with duplicates and its `remainder` says how many rows of that
+    round are real (the first ones, in rank order: what `gather_for_metrics` would keep). The loss and
+    the metrics' sums are kept in float64 and added over the ranks once, at the end; a torchmetrics
+    Metric syncs its own states. A loss that is one mean per batch (e.g. the one a model computes) counts
+    once per sample of its batch; in a padded last batch it is recomputed over the real rows, so the
+    duplicates never weigh in. Keys: `{prefix}_loss`, `{prefix}_samples`, `{prefix}_accuracy`, `{prefix}_<metric>`.
     """
     per_rank = getattr(loader, "per_rank", False)
     if per_rank:
-        # Each rank's own part of a split stream, of its own length: no collective per batch (gather_for_metrics,
-        # DDP's buffer broadcast in forward) that a rank with fewer batches would leave waiting; the sums are
-        # added over the ranks once, at the end.
+        # Each rank's own part of a split stream, of its own length: no collective per batch (DDP's buffer
+        # broadcast in forward) that a rank with fewer batches would leave waiting; the sums are added over
+        # the ranks once, at the end.
         if "FSDP" in str(accelerator.distributed_type):
             raise UserError(
-                f"data: the validation stream from {data_spec!r} is split per rank, and an FSDP model's forward is "
-                "collective (every rank at every batch); yield the whole validation stream on every rank instead."
+                f"data: the {prefix} stream from {data_spec!r} is split per rank, and an FSDP model's forward is "
+                f"collective (every rank at every batch); yield the whole {prefix} stream on every rank instead."
             )
         model = accelerator.unwrap_model(model)  # keeps mixed precision's autocast
+    was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    hits = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    num_samples = 0
+    if metrics is not None:
+        metrics.reset()
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, hits, samples
     classification = None
     for batch_index, batch in enumerate(loader):
         if max_batches is not None and batch_index >= max_batches:
@@ -79,37 +95,42 @@ def evaluate(model, loader, loss: Loss, accelerator: Accelerator, data_spec: str
         outputs = call_model(model, inputs)
         size = batch_size_of(inputs, targets)
         per_sample = loss.per_sample(outputs, targets, size)
-        if not per_rank and _padded_round(accelerator) and not loss.returns_per_sample(outputs, targets):
-            # A batch mean over the last round, which Accelerate padded with duplicates: the mean of this
-            # rank's real rows alone, from one more forward that every rank makes (DDP/FSDP forwards are
-            # collective); on a rank with no real row its value is dropped by gather_for_metrics anyway.
-            kept = max(_real_rows(accelerator, size), 1)
-            mean = loss.per_sample(call_model(model, _rows(inputs, kept)), _rows(targets, kept), kept)[0]
-            per_sample = mean.expand(size).contiguous()
+        kept = size
+        if not per_rank and _padded_round(accelerator):
+            kept = _real_rows(accelerator, size)
+            if kept < size and not loss.returns_per_sample(outputs, targets):
+                # A batch mean over rows some of which are duplicates: the mean of this rank's real rows
+                # alone, from one more forward that every rank makes (DDP/FSDP forwards are collective).
+                mean = loss.per_sample(call_model(model, _rows(inputs, max(kept, 1))), _rows(targets, max(kept, 1)), max(kept, 1))[0]
+                per_sample = mean.expand(size)
         if classification is None:
             classification = _is_classification(loss, outputs, targets)
-        # Per sample, like the loss: the fraction of its predictions (one, or one per token) that are right.
-        correct = (
-            (logits_of(outputs).argmax(dim=-1) == targets).float().reshape(len(per_sample), -1).mean(dim=1)
-            if classification
-            else per_sample
-        )
-        if not per_rank:
-            per_sample, correct = accelerator.gather_for_metrics((per_sample, correct))
-        loss_sum += per_sample.double().sum()
-        hits += correct.double().sum()
-        num_samples += per_sample.numel()
-    if per_rank:
-        totals = torch.stack([loss_sum, hits, torch.tensor(float(num_samples), dtype=torch.float64, device=loss_sum.device)])
-        loss_sum, hits, count = reduce(totals, reduction="sum")
-        num_samples = int(count.item())
-    model.train()
+        if kept == 0:
+            continue
+        totals[0] += per_sample[:kept].double().sum()
+        if classification:
+            # Per sample, like the loss: the fraction of its predictions (one, or one per token) that are right.
+            correct = logits_of(outputs).argmax(dim=-1) == targets
+            totals[1] += correct[:kept].double().reshape(kept, -1).mean(dim=1).sum()
+        totals[2] += kept
+        if metrics is not None:
+            metrics.update(_rows(outputs, kept) if kept < size else outputs, _rows(targets, kept) if kept < size else targets)
+    sums = torch.cat([totals, metrics.sums.reshape(-1)]) if metrics is not None else totals
+    if accelerator.num_processes > 1:
+        sums = reduce(sums, reduction="sum")
+    if was_training:
+        model.train()
+    loss_sum, hits, count = sums[:3].tolist()
+    num_samples = int(count)
     if num_samples == 0:
         raise UserError(
-            f"data: the validation loader from {data_spec!r} yielded no samples (drop_last=True with fewer samples "
+            f"data: the {prefix} loader from {data_spec!r} yielded no samples (drop_last=True with fewer samples "
             "than one batch?); give it at least one batch."
         )
-    result = {"val_loss": loss_sum.item() / num_samples, "val_samples": num_samples}
+    result = {f"{prefix}_loss": loss_sum / num_samples, f"{prefix}_samples": num_samples}
     if classification:
-        result["val_accuracy"] = hits.item() / num_samples
+        result[f"{prefix}_accuracy"] = hits / num_samples
+    if metrics is not None:
+        values = metrics.result(sums[3:].reshape(-1, 2), prefix)
+        result.update({k: v for k, v in values.items() if k not in result})
     return result

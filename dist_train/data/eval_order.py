@@ -1,0 +1,60 @@
+"""An evaluation set as one fixed list of samples, so that every world size evaluates exactly it.
+
+Accelerate shards an evaluation loader by its batches and, on the last round, pads the ranks' batches
+with the set's first samples; how many rows of that round are real it derives from `len(dataset)`. That
+count is wrong when the loader's sampler draws something other than the whole dataset once (a subset,
+weights, replacement), and a `drop_last=True` loader would lose whole batches to make the rounds even.
+So such a loader is rebuilt here over the sampler's draw, taken once (`Subset(dataset, draw)`, in the
+draw's order, cut to whole batches when `drop_last`): its length is the set's, and the sharding's padding
+and `remainder` count it exactly. The draw is taken when the run starts: every evaluation of the run sees
+the same samples, and all ranks must draw the same (a sampler seeded from its own generator, or from the
+global seed the run sets): checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from torch.utils.data import DataLoader, IterableDataset, SequentialSampler, Subset
+
+from ..errors import UserError
+
+
+def fixed_order(loader: DataLoader, what: str) -> DataLoader:
+    """`loader` itself when it reads its whole map-style dataset in order without dropping; else the same
+    loader over its sampler's one draw (see the module docstring)."""
+    if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
+        return loader
+    if type(loader.sampler) is SequentialSampler and not loader.drop_last:
+        return loader
+    draw = [int(i) for i in loader.sampler]
+    if loader.drop_last:
+        draw = draw[: len(draw) // loader.batch_size * loader.batch_size]
+    if not draw:
+        raise UserError(f"data: the {what} loader yields no whole batch (drop_last=True with fewer samples than batch_size).")
+    _same_on_every_rank(draw, what)
+    return DataLoader(
+        Subset(loader.dataset, draw),
+        batch_size=loader.batch_size,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        persistent_workers=loader.persistent_workers,
+        prefetch_factor=loader.prefetch_factor,
+    )
+
+
+def _same_on_every_rank(draw: list[int], what: str) -> None:
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    if PartialState().num_processes == 1:
+        return
+    digest = hashlib.blake2b(str(draw).encode(), digest_size=8).hexdigest()
+    if len(set(gather_object([digest]))) > 1:
+        raise UserError(
+            f"data: the {what} loader's sampler draws different samples on different ranks; give it a generator "
+            "seeded the same on every rank (torch.Generator().manual_seed(0)), or no sampler."
+        )
