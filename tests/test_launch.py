@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -383,7 +384,8 @@ def test_a_dead_launcher_stops_its_workers_and_the_rerun_resumes_bitwise(project
     """SIGKILL to the launcher's process group (its workers live in sessions of their own): both workers
     notice, agree, save a checkpoint and exit 129 within 10 s, naming the launcher; the run lock is free at
     once and the rerun resumes from that checkpoint, ending bitwise as the uninterrupted run. Twice at once:
-    plain, and with async_checkpoint (a background write every 2 steps) and 2 DataLoader workers per rank.
+    logging to a file; and logging into a pipe that dies with the launcher (`| tee log`), with
+    async_checkpoint (a background write every 2 steps) and 2 DataLoader workers per rank.
     Beside them, a run without a launcher (`python -m dist_train` in a shell that exits mid-run) trains on."""
     args = lambda out, *extra: _slow_args(project, out, 0.05, "epochs=3", "resume=auto", *extra)
     configs = {"plain": [], "async": ["async_checkpoint=true", "checkpoint_every=2", "num_workers=2"]}
@@ -401,12 +403,16 @@ def test_a_dead_launcher_stops_its_workers_and_the_rerun_resumes_bitwise(project
             text=True,
             env={**os.environ, "OMP_NUM_THREADS": "1"},
         )
-        launchers = {}
+        launchers, readers = {}, {}
         for name, extra in configs.items():
-            with open(tmp_path / f"{name}.log", "w") as log:  # the workers write to the same file
+            with open(tmp_path / f"{name}.log", "w") as log:  # the workers write to the same file...
+                output = log
+                if name == "async":  # ...or, as `accelerate launch ... | tee log`, into a pipe whose reader dies with the launcher
+                    readers[name] = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=log)
+                    output = readers[name].stdin
                 launchers[name] = subprocess.Popen(
                     cli_command(args(tmp_path / name, *extra), nproc=2),
-                    stdout=log,
+                    stdout=output,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # its own process group, to kill as `kill -9 -PGID` would
                     env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -417,14 +423,21 @@ def test_a_dead_launcher_stops_its_workers_and_the_rerun_resumes_bitwise(project
         for name, launcher in launchers.items():  # both mid-run
             workers[name] = _children(launcher.pid)
             os.killpg(launcher.pid, signal.SIGKILL)
+            if name in readers:
+                readers[name].kill()
+                readers[name].communicate()
             launcher.wait()  # its workers are this process's children from here on
         stopped = {name: _reap(pids, timeout_s=10) for name, pids in workers.items()}
         for name, launcher in launchers.items():
-            _reap(_adopted(tmp_path / name), timeout_s=60)  # DataLoader workers, once their rank has left
+            _reap(_adopted(tmp_path / name), timeout_s=0)  # DataLoader workers left by their rank (they would end within 5 s)
             log = (tmp_path / f"{name}.log").read_text()
             assert sorted(stopped[name].values()) == [129, 129], (name, stopped[name], log[-4000:])
-            assert f"dist_train: error: the launcher of ranks 0, 1 (pid {launcher.pid} on " in log, log[-4000:]
-            assert "died; every rank stopped after saving a checkpoint. Rerun the same command to resume" in log
+            for rank in (0, 1):  # the restart ledger's record, wherever the output went
+                record = json.loads((tmp_path / name / "diagnostics" / f"failure-rank{rank}.json").read_text())
+                assert record["error"] == "stopped by the launcher's death after saving a checkpoint (exit 129)", record
+            if name not in readers:
+                assert f"dist_train: error: the launcher of ranks 0, 1 (pid {launcher.pid} on " in log, log[-4000:]
+                assert "died; every rank stopped after saving a checkpoint. Rerun the same command to resume" in log
         nohup_pid = int(nohup.stdout.readline())
         nohup.wait()
         assert _reap([nohup_pid], timeout_s=300) == {nohup_pid: 0}, (tmp_path / "nohup.log").read_text()[-4000:]

@@ -53,6 +53,7 @@ JOB_TIMEOUT_S = float(os.environ.get("DIST_TRAIN_SLURM_JOB_TIMEOUT_S", 240))
 # train bit for bit alike (checked), so the single-node job is the uninterrupted twin of both.
 TRAIN_OVERRIDES = ["epochs=10", "batch_size=8", "optimizer=sgd", "lr=0.05", "momentum=0.9", "seed=5", "log_every=4", "keep_last=2"]
 PREEMPT_FLAGS = ["--time=2", "--signal=B:USR1@110"]
+LAUNCHER_HANG_TIMEOUT_S = 60  # the mlauncher job's: every rank must end within it + 30 s of its node's launcher dying
 
 
 def _sandbox_prerequisites_missing() -> str | None:
@@ -81,7 +82,7 @@ class Slurm:
         result = subprocess.run(command, cwd=folder, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, f"sbatch failed: {result.stderr}"
         job_id = result.stdout.strip().split(";")[0]
-        return Job(self, job_id, folder / f"{name}-{job_id}.out")
+        return Job(self, job_id, folder / f"{name}-{job_id}.out", args)
 
     def job_fields(self, job_id: str) -> dict:
         out = self.run("scontrol", "show", "job", job_id, check=False).stdout
@@ -89,8 +90,8 @@ class Slurm:
 
 
 class Job:
-    def __init__(self, slurm: Slurm, job_id: str, log: Path):
-        self.slurm, self.id, self.log = slurm, job_id, log
+    def __init__(self, slurm: Slurm, job_id: str, log: Path, args: list[str] = ()):
+        self.slurm, self.id, self.log, self.args = slurm, job_id, log, list(args)  # args: the script's
         self.raised_limit = False
 
     def log_text(self) -> str:
@@ -249,11 +250,20 @@ def jobs(slurm, project):
             sbatch_flags=["--nodes=2", "--hold"],
             env={**cpu, "PROCS_PER_NODE": "1"},
         ),
+        # The same training; the test SIGKILLs the launcher on node2 (held until then, like mrestart), then resubmits it.
+        "mlauncher": slurm.submit(
+            "train_multinode.sbatch",
+            "mlauncher",
+            [*config, *slow, f"hang_timeout_s={LAUNCHER_HANG_TIMEOUT_S}", f"output_dir={slurm.workdir / 'mlauncher' / 'out'}"],
+            sbatch_flags=["--nodes=2", "--hold"],
+            env={**cpu, "PROCS_PER_NODE": "1"},
+        ),
     }
     for name in ("preempt", "mpreempt"):
         threading.Thread(target=_raise_time_limit_after_first_requeue, args=(submitted[name],), daemon=True).start()
     yield submitted
-    slurm.run("scancel", submitted["mrestart"].id, check=False)  # still held if its test did not run (-k)
+    for name in ("mrestart", "mlauncher"):
+        slurm.run("scancel", submitted[name].id, check=False)  # still held if its test did not run (-k)
 
 
 def _assert_completed(job: Job, fields: dict) -> None:
@@ -411,3 +421,79 @@ def test_a_rank_killed_on_the_second_node_is_restarted_and_the_job_matches_an_un
         torch.testing.assert_close(restarted[key], reference[key], rtol=0, atol=0)
     fields = job.slurm.job_fields(job.id)
     print(f"\nmrestart: killed rank 1 on node2, resumed at optimizer step {resumed[0]}, {fields.get('RunTime')} in all")
+
+
+def _launcher_process(job_id: str, node: int) -> int | None:
+    """The `accelerate launch` process on node `node` of SLURM job `job_id`, found through /proc."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = set((entry / "environ").read_bytes().split(b"\0"))
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (
+            f"SLURM_JOB_ID={job_id}".encode() in env
+            and f"SLURM_NODEID={node}".encode() in env
+            and b"\0-m\0accelerate.commands.launch\0" in cmdline
+        ):
+            return int(entry.name)
+    return None
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may wait for a reaper that never comes in a container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_dead_launcher_on_the_second_node_stops_every_rank_and_the_resubmitted_job_resumes(jobs, slurm):
+    """SIGKILL the `accelerate launch` on node2 (its rank lives in a session of its own): the ranks of both
+    nodes agree, save and stop within hang_timeout_s + 30 s, the log names rank 1's launcher; the job is
+    resubmitted unchanged and resumes from that checkpoint, ending with the single job's weights."""
+    if not slurm.sandbox:
+        pytest.skip("kills a process through /proc: only on the local sandbox")
+    job, out = jobs["mlauncher"], slurm.workdir / "mlauncher" / "out"
+    slurm.run("scontrol", "release", job.id)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not ((out / "metrics.jsonl").exists() and any(r.get("step", 0) >= 20 for r in read_metrics(out))):
+        assert time.monotonic() < deadline and slurm.job_fields(job.id).get("JobState") in ("PENDING", "RUNNING"), job.log_text()[-3000:]
+        time.sleep(0.5)
+    ranks, launcher = [_job_process(job.id, rank) for rank in (0, 1)], _launcher_process(job.id, node=1)
+    assert None not in ranks and launcher is not None, job.log_text()[-3000:]
+    os.kill(launcher, 9)
+    killed = time.monotonic()
+    while any(map(_running, ranks)) and time.monotonic() - killed < LAUNCHER_HANG_TIMEOUT_S + 30:
+        time.sleep(0.2)
+    ended_s = time.monotonic() - killed
+    assert not any(map(_running, ranks)), (
+        f"ranks {[r for r in ranks if _running(r)]} still run {ended_s:.0f} s after:\n{job.log_text()[-3000:]}"
+    )
+    fields = job.wait()
+    log = job.log_text()
+    assert (
+        f"dist_train: error: the launcher of rank 1 (pid {launcher} on node2) died; every rank stopped after saving a checkpoint" in log
+    ), log[-5000:]
+    saved = int(sorted((out / "checkpoints").glob("step_*"))[-1].name.split("_")[1])
+    assert 20 <= saved < 160 and not (out / "model.safetensors").exists(), saved
+
+    rerun = slurm.submit(
+        "train_multinode.sbatch",
+        "mlauncher-rerun",
+        job.args,
+        sbatch_flags=["--nodes=2"],
+        env={"GPUS_PER_NODE": "0", "DIST_TRAIN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PROCS_PER_NODE": "1"},
+    )
+    _assert_completed(rerun, rerun.wait())
+    assert re.search(rf"resumed from \S+ at optimizer step {saved}\b", rerun.log_text()), rerun.log_text()[-5000:]
+    _assert_completed(jobs["single"], jobs["single"].wait())
+    reference, resumed = load_weights(slurm.workdir / "single" / "out"), load_weights(out)
+    assert reference.keys() == resumed.keys()
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], rtol=0, atol=0)
+    print(
+        f"\nmlauncher: killed node2's launcher at step >= 20; every rank ended {ended_s:.1f} s later ({fields.get('JobState')}), saved at step {saved}; the resubmitted job resumed and matched"
+    )

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from accelerate.utils import broadcast_object_list, gather_object
 
 from ..accelerate_internals import process_group_timeout
-from .launcher import LauncherWatch
+from .launcher import LauncherWatch, silence_dead_outputs
 
 # Agreed flag values; the largest wins across ranks: a requeue request beats a plain stop, and a dead
 # launcher (_ORPHANED) beats TERM, so the exit says why.
@@ -92,6 +92,7 @@ class Preemption:
         """
         if not self.orphaned and self.launcher is not None and self.launcher.died():
             self.orphaned = True
+            silence_dead_outputs()  # before anything on the way out writes to a pipe that died with the launcher
             self._local = max(self._local, _ORPHANED)
             self.signal_name = self.signal_name or "the launcher's death"
         if self._group is None:  # one process: nothing to agree on
