@@ -5,19 +5,23 @@
 - `streams.py`: streams (`IterableDataset`), read on rank 0 and dealt, or read per rank when already split.
 - `fastdata.py`: the in-memory fast path for tensor datasets.
 - `batches.py`: what a batch is (`(inputs, targets)` or a dict), how the model is called on it.
+- `run_length.py`: the run's length in optimizer steps, from where it stands (a resume may change the step size).
 - `batch_size.py`: `auto_batch_size`, the largest batch that fits on every rank.
 """
 
 from .batch_size import fit_batch_size
 from .batches import batch_size_of, call_model, split_batch, token_ids
 from .loaders import build_loaders, prepare_loaders, train_position
+from .run_length import planned_steps, replanned
 
 __all__ = [
     "batch_size_of",
     "build_loaders",
     "call_model",
     "fit_batch_size",
+    "planned_steps",
     "prepare_loaders",
+    "replanned",
     "split_batch",
     "token_ids",
     "train_position",
