@@ -46,7 +46,7 @@ from .components import (
 )
 from .components import grad_norm as _grad_norm
 from .config import Config, resolve_modes
-from .data import build_loaders, call_model, fit_batch_size, prepare_loaders, split_batch, train_position
+from .data import build_loaders, call_model, fit_batch_size, planned_steps, prepare_loaders, replanned, split_batch, train_position
 from .errors import UserError
 from .evaluation import Validator
 from .faults import (
@@ -133,31 +133,6 @@ def _build(cfg: Config, accelerator: Accelerator) -> tuple:
     return prepared
 
 
-def _steps_per_epoch(train_loader, cfg: Config) -> int | None:
-    """Optimizer steps per epoch; None for a stream without a length (its epoch ends when the data does)."""
-    try:
-        return math.ceil(len(train_loader) / cfg.grad_accum_steps)
-    except TypeError:
-        return None
-
-
-def _total_steps(cfg: Config, steps_per_epoch: int | None) -> float:
-    if cfg.max_steps is not None:
-        total = cfg.max_steps
-    elif steps_per_epoch is None:
-        if cfg.lr_schedule != "constant":
-            raise UserError(
-                f"lr_schedule: {cfg.lr_schedule} needs the run's length in optimizer steps, and the training data is a "
-                "stream without a length (an IterableDataset without __len__, or one split per rank); set max_steps, or lr_schedule: constant."
-            )
-        return math.inf  # the epochs end when the data does
-    else:
-        total = cfg.epochs * steps_per_epoch
-    if cfg.warmup_steps > total:
-        raise UserError(f"warmup_steps ({cfg.warmup_steps}) is larger than the run's {total} optimizer steps; lower warmup_steps.")
-    return total
-
-
 def _epoch_limit(cfg: Config) -> float:
     """Epochs to run: `max_steps` counts steps instead, across as many epochs as it needs."""
     return math.inf if cfg.max_steps is not None else cfg.epochs
@@ -182,11 +157,11 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
     cfg, (model, optimizer, train_loader, val_loader) = fit_batch_size(cfg, accelerator, lambda c: _build(c, accelerator), loss_fn)
     sampler = train_position(train_loader)  # where each epoch starts: dist_train's order, or the stream's saved state
 
-    total_steps = _total_steps(cfg, _steps_per_epoch(train_loader, cfg))
+    state = TrainState()
+    total_steps = planned_steps(cfg, sampler, train_loader, state)  # a fresh run's; recomputed after a resume below
     optimizer = LeanOptimizer(optimizer)  # Accelerate's step/zero_grad semantics without its per-step overhead
     parameters = [p for p in model.parameters() if p.requires_grad]  # listed once, not per step
     scheduler = accelerator.prepare(build_scheduler(cfg, optimizer.stepped, total_steps))
-    state = TrainState()
     accelerator.register_for_checkpointing(state)
     ema = EMA(cfg, model) if cfg.ema_decay is not None else None  # the EMA weights, per shard under FSDP (ema.py)
     if ema is not None:
@@ -196,7 +171,12 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
     # Before anything reads `state` (progress bar, profiler, the stop test). A mid-epoch position is restored
     # exactly or refused (never an epoch silently started again): the order's offset, or the stream's position.
     checkpointer.resume(sampler)
-    apply_config(optimizer.stepped, scheduler.scheduler, cfg)  # a resumed run follows this config's lr, not the checkpoint's
+    # From where the run stands: a resume with another step size (batch, accumulation, world size) or epochs.
+    total_steps = planned_steps(cfg, sampler, train_loader, state)
+    if accelerator.is_main_process and (line := replanned(state.planned_steps, total_steps, state, cfg)):
+        print(line, flush=True)
+    state.planned_steps = int(total_steps) if math.isfinite(total_steps) else None
+    apply_config(optimizer.stepped, scheduler.scheduler, cfg, total_steps)  # this config's lr and schedule, not the checkpoint's
     if accelerator.is_main_process:  # only now: a refused resume leaves the previous run's config.yaml as it was
         (out / "config.yaml").write_text(cfg.to_yaml())  # the config that runs (auto_batch_size's size included)
     # SIGUSR1/SIGTERM only set a flag, as the launcher's death does; acted on between steps

@@ -27,6 +27,9 @@ class TrainState:
     """Optimizer steps dropped because of a non-finite loss or gradient (`on_nonfinite: skip`)."""
     overflow_skipped: int = 0
     """Optimizer steps the fp16 loss scaler skipped."""
+    planned_steps: Optional[int] = None
+    """The run's length in optimizer steps as last computed from where it stood (None: a stream without a
+    length); a resume that computes another (another step size, more epochs) says so (data/run_length.py)."""
     open_losses: Optional[dict] = None
     """Loss sums not yet logged (the log interval's and the validation record's), so a resumed run logs
     the same train_loss as an uninterrupted one: name -> [mean over ranks of the sum, micro-batches]."""

@@ -53,6 +53,7 @@ SLOW_TESTS = {
     "test_a_finished_run_trains_nothing_more",
     "test_a_changed_lr_on_resume_is_applied_and_said",
     "test_a_changed_schedule_on_resume_follows_the_new_budget",
+    "test_a_resume_with_a_larger_step_trains_every_remaining_epoch_whole",
     "test_a_change_the_checkpoint_cannot_take_is_refused_before_training",
     "test_a_second_run_on_a_busy_output_dir_is_refused",
     "test_accumulation_equals_the_big_batch_on_uneven_data",

@@ -25,7 +25,9 @@ import yaml
 from helpers import (
     assert_weights_equal,
     cli_command,
+    ids_model,
     load_weights,
+    read_ids,
     read_metrics,
     run_cli,
     run_clis,
@@ -119,6 +121,35 @@ def test_a_change_the_checkpoint_cannot_take_is_refused_before_training(project,
     assert "optimizer changes from 'adamw' to 'sgd' since checkpoint" in line and "Resume with optimizer: 'adamw'" in line
     assert (tmp_path / "run" / "config.yaml").read_text() == config_before
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics_before
+
+
+def test_a_resume_with_a_larger_step_trains_every_remaining_epoch_whole(tmp_path):
+    """Issue 19: max_steps=4 at batch 5 x 2 processes, continued with grad_accum_steps: 3 and epochs: 2 on 101
+    samples. The length was epochs x steps per epoch at the new step (8) while the first 4 steps were smaller,
+    so the run ended after 1.3 epochs (30 of epoch 1's 101 samples) with exit 0."""
+    project = write_seed_project(tmp_path / "project", num_train=101, num_val=11, ids=True, files={"ids_model.py": ids_model()})
+    out, ids_dir = tmp_path / "run", tmp_path / "ids"
+    ids_dir.mkdir()
+    args = lambda *extra: [  # noqa: E731
+        f"model={project / 'ids_model.py'}:MyModel" if a.startswith("model=") else a
+        for a in _auto(seed_project_args(project, out, "batch_size=5", "log_every=1", "lr_schedule=linear", "lr=0.1", *extra))
+    ]
+    env = {"IDS_DIR": str(ids_dir)}
+    run_cli(args("max_steps=4"), nproc=2, env=env)
+    resumed = run_cli(args("max_steps=null", "grad_accum_steps=3", "epochs=2"), nproc=2, env=env)
+    ids = read_ids(ids_dir)
+    sequence = [i for k in range(len(ids[0])) for rank in (0, 1) for i in ids[rank][k]]
+    epoch0, epoch1 = sequence[: 40 + 90], sequence[40 + 90 :]
+    assert sorted(set(epoch0)) == list(range(101)) and len(epoch0) == 130  # each once, then padding to whole steps
+    assert sorted(epoch1[:101]) == list(range(101)) and len(epoch1) == 120
+    steps = _train_steps(out)
+    assert [r["step"] for r in steps] == list(range(1, 12))
+    assert [r["epoch"] for r in steps] == [0] * 7 + [1] * 4
+    # The linear decay spans the 11 steps the run really takes.
+    assert [r["lr"] for r in steps[4:]] == pytest.approx([0.1 * (1 - s / 11) for s in range(4, 11)])
+    assert [r["step"] for r in val_records(out)] == [4, 7, 11]  # the first run validated at its last step
+    # 40 samples in 4 steps of 10; the rest of epoch 0 (61) in 3 steps of 30, epoch 1 (101) in 4: 11 in all.
+    assert "7 optimizer steps remain, 11 in all (the checkpoint's run planned 4)" in resumed.stdout
 
 
 # ---- 3. one run per output_dir ----------------------------------------------------------------------

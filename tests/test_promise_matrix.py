@@ -32,10 +32,12 @@ from hypothesis import strategies as st
 from torch.utils.data import BatchSampler, DataLoader, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 
 from dist_train.config import load_config
+from dist_train.data import planned_steps
 from dist_train.data.fastdata import EpochBatchSampler
 from dist_train.data.loaders import EpochSampler, UserBatches, _with_epoch_sampler, epoch_sampler
 from dist_train.data.user_order import UserOrder
 from dist_train.errors import UserError
+from dist_train.state import TrainState
 
 MAX_EXAMPLES = 400  # per property; the whole file stays well under 30 s on 2 shared cores
 
@@ -317,6 +319,47 @@ def test_a_resume_at_every_step_boundary_continues_the_epoch(setup, salt, fast):
                 assert within(order, combined)
                 # None seen twice apart from the padding of one of the two runs.
                 assert len(combined) - setup.num_samples < max(setup.step_samples, resumed.step_samples)
+
+
+BASE_CONFIG = load_config(None)
+
+
+@MATRIX
+@with_edges(11, 2)
+@given(setups, st.integers(0, 2**16), st.integers(0, 2))
+def test_a_resume_with_another_step_plans_every_remaining_epoch(setup, salt, later_epochs):
+    """The run's length from where it stands (data/run_length.py), after a resume at a step boundary on
+    another (batch, world size, accumulation): the steps taken, then exactly the steps dealt for the rest of
+    the epoch and for each later epoch at the new step, each of which deals every draw (issue 19: the
+    length was epochs x steps per epoch at the new step, and a larger step ended the run epochs early)."""
+    assume(setup.epoch_samples > 0)
+    boundaries = setup.epoch_samples // setup.step_samples
+    k = salt % (boundaries + 1)
+    offset = k * setup.step_samples
+    choices = resize_choices(offset)
+    batch_size, world_size = choices[salt % len(choices)]
+    resumed = setup.on(batch_size, world_size, 1 + (salt // 7) % 4)
+    assume(resumed.epoch_samples > 0)  # drop_last and a step larger than the dataset: refused at build time
+    cfg = dataclasses.replace(
+        BASE_CONFIG,
+        seed=setup.seed,
+        batch_size=batch_size,
+        grad_accum_steps=resumed.grad_accum_steps,
+        epochs=setup.epoch + 1 + later_epochs,
+    )
+    taken = 3 * setup.epoch + k  # whatever the earlier epochs took, at whatever step size
+    state = TrainState(epoch=setup.epoch, optimizer_step=taken, samples_consumed=offset)
+    dealt = len(optimizer_steps(global_micro_batches(deal(resumed, offset)), resumed.grad_accum_steps))
+    order = setup.sampler(0).order().tolist()
+    for epoch in range(setup.epoch + 1, cfg.epochs):
+        later = dataclasses.replace(resumed, epoch=epoch)
+        micro = global_micro_batches(deal(later, 0))
+        dealt += len(optimizer_steps(micro, resumed.grad_accum_steps))
+        if not setup.drop_last and setup.source != "weighted":  # a weighted draw differs per epoch; its length does not
+            assert within(later.sampler(0).order().tolist(), seen(micro))
+        assert len(seen(micro)) == later.epoch_samples
+    assert planned_steps(cfg, resumed.sampler(offset), None, state) == taken + dealt
+    assert order == setup.sampler(0).order().tolist()  # planning moved no sampler
 
 
 def test_after_a_resize_every_optimizer_step_is_whole():

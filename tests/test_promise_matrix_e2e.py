@@ -16,12 +16,14 @@ seed and its setup (`M<seed>:...`), and the file prints both, so a failure repla
 
 `DIST_TRAIN_MATRIX_SIZE` (default 2) is the number of resume setups drawn (their world sizes cycle
 1, 2, 3, so the default costs the same for every seed); the world-size group draws SIZE - 1 setups
-(at least one). The default sample is 17 runs: 9 of them on 1 process, 5 on 2, 3 on 3.
+(at least one). The default sample is 18 runs: 9 of them on 1 process, 6 on 2, 3 on 3.
 
 Promises:
 1. interrupted + resumed == uninterrupted, bitwise, at an epoch's last step, the final step and a
    mid-epoch step, on the same world size; and, on another world size at the same global batch,
-   equal to rounding with each sample once per epoch (plus the documented padding);
+   equal to rounding with each sample once per epoch (plus the documented padding); and, on another
+   step size (batch and accumulation), each remaining epoch once, the run as long as that takes and its
+   lr schedule spread over it (issue 19);
 2. `epochs=1`, then `epochs=2` in the same output_dir == a straight `epochs=2` run, bitwise;
 3. (batch b, accumulation a) == (batch a*b, accumulation 1) on uneven data, same number of steps;
 4. N ranks == 1 rank at the same global batch (N = 2 and 3), and they train on the same samples;
@@ -288,6 +290,7 @@ def _announce(request):
         print(f"\npromise matrix e2e: DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} DIST_TRAIN_MATRIX_SIZE={MATRIX_SIZE}")
         for i, setup in enumerate(RESUME_SETUPS):
             print(f"  resume R{i}: {setup} at steps {[k for j, k, _ in RESUME_CASES if j == i]}")
+        print(f"  resize: R{RESIZE[0]} from step {RESIZE[1]} to batch_size {RESIZE[2]}, grad_accum_steps {RESIZE[3]}")
         for i, (setup, k1, k3) in enumerate(WORLD_SIZE_SETUPS):
             print(
                 f"  world size W{i}: {setup} (global micro-batch {setup.batch_size}); resumes at steps {k1} (2 -> 1 ranks), {k3} (2 -> 3 and 3 -> 3)"
@@ -476,6 +479,69 @@ def test_continuing_with_more_epochs_is_the_straight_run(runs, tmp_path, i):
     spe = setup.steps_per_epoch
     assert [r["step"] for r in val_records(out)] == [spe, 2 * spe]
     assert [r["step"] for r in read_metrics(out) if "val_loss" not in r] == list(range(1, 2 * spe + 1))
+
+
+# ---- 1 (another step size): a mid-epoch resume with another batch and accumulation -------------------------
+
+
+def _draw_resize(rng: random.Random) -> tuple[int, int, int, int]:
+    """(setup index, mid-epoch step k, new batch_size, new grad_accum_steps): the resume setup with the most
+    ranks, at its mid-epoch resume point, continued at another optimizer step whose micro-batch divides the position."""
+    i = max(range(len(RESUME_SETUPS)), key=lambda j: RESUME_SETUPS[j].world_size)
+    setup = RESUME_SETUPS[i]
+    k = next(k for j, k, what in RESUME_CASES if j == i and what.startswith("mid_epoch"))
+    consumed = k % setup.steps_per_epoch * setup.step_samples
+    choices = [
+        (b, a)
+        for b in (2, 3, 4, 5)
+        for a in (1, 2, 3)
+        if consumed % (b * setup.world_size) == 0 and b * a != setup.batch_size * setup.grad_accum_steps
+    ]
+    return (i, k, *rng.choice(choices))
+
+
+RESIZE = _draw_resize(random.Random(f"{MATRIX_SEED}/resize"))
+
+
+def _resize_id() -> str:
+    i, k, batch_size, accum = RESIZE
+    return _id("R", i, RESUME_SETUPS[i], f"k{k}", f"to-b{batch_size}-a{accum}")
+
+
+@pytest.mark.parametrize("case", [RESIZE], ids=[_resize_id()])
+def test_a_resume_with_another_step_trains_each_remaining_epoch_once(runs, case):
+    """Issue 19: the run's length and lr schedule come from where it stands. Saved mid-epoch, continued at
+    another (batch, accumulation) with a linear schedule: the rest of that epoch and every later epoch each
+    hold every id once (plus the padding to whole steps of the new size), the run takes exactly those
+    steps, and the linear decay spans them."""
+    i, k, batch_size, accum = case
+    setup = RESUME_SETUPS[i]
+    new = setup.on(batch_size=batch_size, grad_accum_steps=accum)
+    reference = _reference(runs, i)
+    resumed = runs.get(f"R{i}-resized-from{k}", new, f"resume={checkpoint(reference, k)}", "lr_schedule=linear")
+    epoch, into = divmod(k, setup.steps_per_epoch)
+    consumed = into * setup.step_samples
+    rest = math.ceil((setup.train_size - consumed) / new.step_samples)  # steps left in the interrupted epoch
+    total = k + rest + (setup.epochs - epoch - 1) * new.steps_per_epoch
+    if total != setup.total_steps:  # the length (and so the schedule) said once when it is not the checkpoint's
+        assert f"{total - k} optimizer steps remain, {total} in all (the checkpoint's run planned {setup.total_steps})" in resumed.stdout
+    else:
+        assert "the run's length is recomputed" not in resumed.stdout
+    before = reference.sequence()[epoch * setup.epoch_samples : epoch * setup.epoch_samples + consumed]
+    after = resumed.sequence()
+    interrupted = before + after[: rest * new.step_samples]
+    assert sorted(interrupted[: setup.train_size]) == list(range(setup.train_size)), "an id missing or seen twice"
+    padding = len(interrupted) - setup.train_size
+    assert 0 <= padding < new.step_samples and interrupted[setup.train_size :] == interrupted[:padding]
+    later = after[rest * new.step_samples :]
+    assert len(later) == (setup.epochs - epoch - 1) * new.epoch_samples
+    for e in range(setup.epochs - epoch - 1):
+        assert_once_plus_padding(later[e * new.epoch_samples : (e + 1) * new.epoch_samples], setup.train_size, new.step_samples)
+    steps = [r for r in read_metrics(resumed.out) if "val_loss" not in r]
+    assert [r["step"] for r in steps] == list(range(k + 1, total + 1))  # its own output_dir: from the resume on
+    assert [r["lr"] for r in steps] == pytest.approx([setup.lr * (1 - s / total) for s in range(k, total)])
+    ends = [k + rest + e * new.steps_per_epoch for e in range(setup.epochs - epoch)]
+    assert [r["step"] for r in val_records(resumed.out) if r["step"] > k] == ends
 
 
 # ---- 1 (another world size), 3 and 4: the tied model at one global batch on 1, 2 and 3 ranks -------------

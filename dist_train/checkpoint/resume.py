@@ -181,14 +181,7 @@ class Resuming:
                 "does not divide that, so the rest of the epoch cannot be dealt exactly once. Resume with a "
                 "world size or batch_size whose global batch divides it, or from an epoch-end checkpoint (resume: PATH)."
             )
-        old = int(manifest["batch_size"]) * int(manifest["world_size"]) * int(manifest["grad_accum_steps"])
-        new = global_batch * self.cfg.grad_accum_steps
-        if old != new and self.accelerator.is_main_process:
-            _warn(
-                f"the global batch changes from {old} to {new} samples per optimizer step: the rest of the run takes "
-                "a different number of optimizer steps, and the lr schedule and the step budget (epochs x steps per "
-                "epoch at this world size) count optimizer steps. Scale batch_size to keep it constant."
-            )
+        # Another global step is fine: the run's length and lr schedule are recomputed from here (data/run_length.py).
 
     def _load(self, path: Path, manifest: dict) -> None:
         acc = self.accelerator

@@ -47,18 +47,25 @@ def lr_multiplier(step: int, schedule: str, warmup_steps: int, total_steps: int)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, cfg.lr_schedule, cfg.warmup_steps, total_steps))
+def _schedule(cfg: Config, total_steps: float):
+    # A plain function, so that LambdaLR's state_dict leaves it out: a checkpoint never brings back an old length.
+    return lambda step: lr_multiplier(step, cfg.lr_schedule, cfg.warmup_steps, total_steps)
 
 
-def apply_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: Config) -> None:
-    """Make the (resumed) optimizer and schedule follow `cfg`: its lr, weight decay and momentum.
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: float) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg, total_steps))
+
+
+def apply_config(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, cfg: Config, total_steps: float) -> None:
+    """Make the (resumed) optimizer and schedule follow `cfg`: its lr, weight decay and momentum, and the
+    schedule over `total_steps`, the run's length from where it stands (data/run_length.py).
 
     A checkpoint carries the hyper-parameters its run had in the optimizer's param groups and the
     scheduler's base rates; without this, a run continued with a new `lr` would keep the old one while
     config.yaml claims the new. The schedule (warmup, decay, the step budget) is a function of the
-    optimizer step and the current config, so the next step's rate is recomputed from it here.
+    optimizer step, the current config and the run's length, so the next step's rate is recomputed here.
     """
+    scheduler.lr_lambdas = [_schedule(cfg, total_steps) for _ in optimizer.param_groups]
     scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
     for group, multiplier in zip(optimizer.param_groups, (f(scheduler.last_epoch) for f in scheduler.lr_lambdas)):
         group["initial_lr"] = cfg.lr

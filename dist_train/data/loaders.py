@@ -129,6 +129,15 @@ class EpochSampler(Sampler[int]):
     def __len__(self) -> int:
         return max(self.epoch_samples - self.start, 0)
 
+    def steps_from(self, epoch: int, samples_consumed: int) -> int:
+        """The optimizer steps `set_position(epoch, samples_consumed)` would deal (the run's length, run_length.py)."""
+        saved = self.epoch, self.start
+        self.epoch, self.start = epoch, samples_consumed // self.unit_samples
+        try:
+            return len(self) // self.step_samples
+        finally:
+            self.epoch, self.start = saved
+
     def indices(self) -> torch.Tensor:
         """This iteration's sample indices, as one tensor (the fast data path cuts batches from it)."""
         order = self.order()
