@@ -22,7 +22,7 @@ SLOW_MODULES = {
 # Run alone after the rest, which runs on two pytest workers (tests/run.sh): their checks race real clocks
 # (hang and startup timeouts, signals, SLURM's scheduler) that a test running beside them would slow.
 SERIAL_MODULES = {"test_slurm", "test_watchdog", "test_launch", "test_restart"}
-SLOW_FIXTURES = {"two_process_run", "overfit_runs", "reference@test_checkpoint"}
+SLOW_FIXTURES = {"two_process_run", "overfit_runs", "reference@test_checkpoint", "runs@test_evaluation"}
 SLOW_TESTS = {
     # test_launch: real launches
     "test_doctor_names_disagreeing_configs_and_a_node_count_mismatch",

@@ -63,6 +63,8 @@ def _check_plan(out: Path, plan: dict, accelerator: Accelerator) -> None:
     error = None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".part-*.tmp-*"):  # a part being written when an earlier run was killed
+            stale.unlink()
         path = out / PLAN
         if path.is_file():
             previous = json.loads(path.read_text())
