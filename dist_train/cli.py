@@ -4,6 +4,8 @@
     dist-train plot RUN_DIR                                 RUN_DIR/curves.png from RUN_DIR/metrics.jsonl
     dist-train export RUN_DIR_OR_CHECKPOINT --out DIR       model.safetensors + dist_train_model.json for load_model
     dist-train doctor [--config run.yaml] [key=value ...]  check a launch (run it under the same launcher as train)
+    dist-train evaluate RUN_DIR_OR_CHECKPOINT [--set NAME] [--out REPORT.json] [key=value ...]
+    dist-train predict RUN_DIR_OR_CHECKPOINT --out DIR [--set NAME] [--shard-samples N] [key=value ...]
 
 A user mistake (a `UserError`) prints one line naming the culprit and the fix, and exits with 2.
 """
@@ -71,7 +73,43 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--config", help="YAML file of config keys (the one the training will use)")
     doctor.add_argument("--timeout_s", type=float, default=30.0, help="seconds the process group and the smoke test may take (default 30)")
     doctor.add_argument("overrides", nargs="*", metavar="key=value", help="the training's overrides")
+    source_help = "a run's output_dir (its final weights, or its newest complete checkpoint when that is newer) or a checkpoint directory"
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="evaluate trained weights on a set",
+        description="The loss and metrics of a run's final weights or a checkpoint on its validation set or a named eval set, on any world size (launch it like train), without training and without writing into the run. Prints a JSON report.",
+    )
+    evaluate.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help=source_help)
+    evaluate.add_argument("--set", default="val", metavar="NAME", help="val (default) or a name of the run's eval_sets")
+    evaluate.add_argument("--out", metavar="REPORT.json", help="also write the JSON report to this file")
+    evaluate.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="override a key of the run's config (batch_size=256, data_args.path=...)"
+    )
+    predict = commands.add_parser(
+        "predict",
+        help="write a model's outputs for every sample of a set",
+        description="Each sample's outputs, once, with its global index, in DIR/part-NNNNNN.safetensors written by the ranks as they go, and DIR/manifest.json; the same files on any world size. Rerun after an interruption to continue.",
+    )
+    predict.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help=source_help)
+    predict.add_argument("--out", required=True, metavar="DIR", help="where the parts and manifest.json go")
+    predict.add_argument("--set", default="val", metavar="NAME", help="val (default) or a name of the run's eval_sets")
+    predict.add_argument("--shard-samples", type=int, default=4096, metavar="N", help="samples per part file (default 4096)")
+    predict.add_argument("overrides", nargs="*", metavar="key=value", help="override a key of the run's config")
     return parser
+
+
+def _evaluate(args) -> int:
+    from .inference import run_evaluate
+
+    run_evaluate(args.source, args.set, args.overrides, args.out)
+    return 0
+
+
+def _predict(args) -> int:
+    from .inference import run_predict
+
+    run_predict(args.source, args.out, args.set, args.overrides, args.shard_samples)
+    return 0
 
 
 def _doctor(args) -> int:
@@ -116,7 +154,7 @@ def _export(args) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "plot": _plot, "export": _export, "doctor": _doctor}
+COMMANDS = {"train": _train, "plot": _plot, "export": _export, "doctor": _doctor, "evaluate": _evaluate, "predict": _predict}
 
 
 def run() -> None:

@@ -204,6 +204,11 @@ def _save_sharded(weights: dict[str, torch.Tensor], out: Path, max_shard_bytes: 
     (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
+def load_weights(model: nn.Module, folder: Path) -> None:
+    """The weights of a run or checkpoint folder chosen by `choose_weights`, loaded into `model` (shapes and names checked)."""
+    _load_weights(model, _weights(folder), folder)
+
+
 def load_model(directory: str | Path, model: Callable | nn.Module | None = None, *, trust_code: bool = False) -> nn.Module:
     """The exported model with its weights, in eval mode.
 

@@ -22,7 +22,7 @@ SLOW_MODULES = {
 # Run alone after the rest, which runs on two pytest workers (tests/run.sh): their checks race real clocks
 # (hang and startup timeouts, signals, SLURM's scheduler) that a test running beside them would slow.
 SERIAL_MODULES = {"test_slurm", "test_watchdog", "test_launch", "test_restart"}
-SLOW_FIXTURES = {"two_process_run", "overfit_runs", "reference@test_checkpoint"}
+SLOW_FIXTURES = {"two_process_run", "overfit_runs", "reference@test_checkpoint", "runs@test_evaluation"}
 SLOW_TESTS = {
     # test_throughput: a 2-rank run; test_ema: kill and resume on 1 and 2 ranks
     "test_sigkill_then_resume_with_ema_is_bitwise_identical",

@@ -98,9 +98,10 @@ def evaluate(
         kept = size
         if not per_rank and _padded_round(accelerator):
             kept = _real_rows(accelerator, size)
-            if kept < size and not loss.returns_per_sample(outputs, targets):
-                # A batch mean over rows some of which are duplicates: the mean of this rank's real rows
-                # alone, from one more forward that every rank makes (DDP/FSDP forwards are collective).
+            if not loss.returns_per_sample(outputs, targets):
+                # A batch mean over rows some of which may be duplicates: the mean of this rank's real rows
+                # alone, from one more forward that every rank makes, whatever its count (DDP/FSDP forwards
+                # are collective); on a rank with no real row it is not counted.
                 mean = loss.per_sample(call_model(model, _rows(inputs, max(kept, 1))), _rows(targets, max(kept, 1)), max(kept, 1))[0]
                 per_sample = mean.expand(size)
         if classification is None:
