@@ -83,6 +83,8 @@ class FsdpModel(nn.Module):
                     "dtensor": isinstance(weight, DTensor),
                     "rows": weight.to_local().shape[0] if isinstance(weight, DTensor) else weight.shape[0],
                     "compute_dtype": str(self.fc1.weight.dtype),
+                    "big_module": type(self.big).__name__,  # a CheckpointWrapper under activation checkpointing
+                    "offload": repr(self._get_fsdp_state()._fsdp_param_group.offload_policy),
                 }
                 with open(os.path.join(os.environ["PROBE_DIR"], f"rank{self.rank}.json"), "w") as f:
                     json.dump(probe, f)
@@ -111,6 +113,10 @@ def project(tmp_path_factory) -> Path:
     config = FSDP_CPU_LAUNCH_CONFIG.read_text().replace("fsdp_min_num_params: 0", "fsdp_min_num_params: 4000")
     assert "fsdp_min_num_params: 4000" in config
     (folder / "fsdp_launch.yaml").write_text(config)
+    for key in ("fsdp_activation_checkpointing", "fsdp_offload_params"):
+        config = config.replace(f"{key}: false", f"{key}: true")
+    assert config.count(": true") >= 3  # use_cpu, and the two
+    (folder / "fsdp_checkpointing_offload.yaml").write_text(config)
     return folder
 
 
@@ -120,14 +126,16 @@ def _args(project: Path, out: Path, *extra: str, model_args: dict | None = None)
     )
 
 
-def _call(project: Path, root: Path, name: str, nproc: int, *extra: str, env: dict | None = None, **kwargs) -> dict:
+def _call(
+    project: Path, root: Path, name: str, nproc: int, *extra: str, env: dict | None = None, launch: str = "fsdp_launch.yaml", **kwargs
+) -> dict:
     """run_cli's arguments for a run `name` under root/ (its ids and probes in root/name-ids, root/name-probe)."""
     ids, probe = root / f"{name}-ids", root / f"{name}-probe"
     ids.mkdir(exist_ok=True), probe.mkdir(exist_ok=True)
     return {
         "args": _args(project, root / name, *extra, **kwargs),
         "nproc": nproc,
-        "launch_config": project / "fsdp_launch.yaml",
+        "launch_config": project / launch,
         "env": {"IDS_DIR": str(ids), "PROBE_DIR": str(probe), **(env or {})},
     }
 
@@ -149,6 +157,7 @@ def runs(project, tmp_path_factory) -> dict:
         # 96 samples / (2 x 8) = 6 steps per epoch; rank 0's 5th forward (the probe at 8 is the 1st) is step 4's.
         _call(project, root, "killed", 2, *FEATURES, model_args=FEATURE_MODEL, env={"KILL_AT_FORWARD": "5"}),
         _call(project, root, "batchnorm", 2, "batch_size=8", *ADAMW, model_args=BATCHNORM_MODEL),
+        _call(project, root, "checkpointing_offload", 2, "batch_size=8", "max_steps=3", launch="fsdp_checkpointing_offload.yaml"),
         check=False,
     )
     for result in first[:4] + first[5:]:
@@ -204,6 +213,26 @@ def test_the_sharded_path_is_taken_and_checkpoints_hold_a_shard_per_rank(runs):
     # bf16: the unsharded parameters the forward computes with are bf16 (FSDP2's MixedPrecisionPolicy).
     assert {p["compute_dtype"] for p in _probes(root, "features").values()} == {"torch.bfloat16"}
     assert {p["compute_dtype"] for p in _probes(root, "two").values()} == {"torch.float32"}
+
+
+def test_activation_checkpointing_and_cpu_offload_run_on_cpu_and_change_nothing(runs, tmp_path):
+    """fsdp_activation_checkpointing and fsdp_offload_params (unpinned without a GPU): the same first 3 steps."""
+    root = runs["root"]
+    probes = _probes(root, "checkpointing_offload")
+    assert {p["big_module"] for p in probes.values()} == {"FSDPCheckpointWrapper"}
+    assert {p["offload"] for p in probes.values()} == {"CPUOffloadPolicy(pin_memory=False)"}
+    assert {p["offload"] for p in _probes(root, "two").values()} == {"OffloadPolicy()"}
+    # Its final weights (step 3) are the plain run's checkpoint of step 3, bitwise.
+    assert_weights_equal(load_weights(root / "checkpointing_offload"), _sharded_weights(root / "two", 3, tmp_path))
+
+
+def _sharded_weights(run: Path, step: int, tmp_path: Path) -> dict:
+    """A sharded checkpoint's model, consolidated in this process (torch.distributed.checkpoint's own converter)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = tmp_path / f"{run.name}-{step}.pt"
+    dcp_to_torch_save(run / "checkpoints" / f"step_{step:08d}" / "pytorch_model_fsdp_0", target)
+    return torch.load(target, weights_only=True)["model"]
 
 
 def test_two_ranks_match_one_rank_and_accumulation_the_big_batch(runs):
