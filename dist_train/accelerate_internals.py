@@ -31,6 +31,9 @@ on any other version, so an upgrade is a deliberate act: rerun the suite, then w
   Accelerate's own FSDP2 path, which works on gloo. `check_launch_backend` turns the settings that cannot
   work into one line before the Accelerator exists (FSDP1's plugin raises from `__post_init__` without a
   GPU; DeepSpeed's import fails inside the constructor).
+- `broadcast_buffers`: what Accelerate's DDP wrapper does for buffers (`broadcast_buffers=True`) and its FSDP2
+  path does not: under `fully_shard` each rank keeps its own BatchNorm statistics, and a sharded checkpoint
+  stores one rank's copy (whichever DCP's planner picks), so a resumed run would differ.
 """
 
 from __future__ import annotations
@@ -205,3 +208,17 @@ def shard_on_cpu(accelerator, mixed_precision: str) -> None:
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = DistributedType.FSDP
     PartialState().distributed_type = DistributedType.FSDP
+
+
+def broadcast_buffers(accelerator, model) -> None:
+    """Under FSDP on several ranks: rank 0's buffers (e.g. BatchNorm statistics) on every rank, as DDP keeps them.
+
+    Called before a validation and before a checkpoint: what is evaluated and saved is then rank 0's state on
+    every rank, as under DDP, and a checkpoint holds the buffers every rank had, so resuming is exact. Between
+    those points each rank updates its own copy; in training mode BatchNorm normalises with the batch's
+    statistics, so the weights never depend on that. No-op elsewhere (DDP broadcasts them itself).
+    """
+    if accelerator.distributed_type != DistributedType.FSDP or accelerator.num_processes == 1:
+        return
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer.data, src=0)

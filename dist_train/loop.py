@@ -28,7 +28,7 @@ from accelerate.utils import (
 )
 from tqdm.auto import tqdm
 
-from .accelerate_internals import LeanOptimizer, check_launch_backend, fix_ddp_bucket_order, shard_on_cpu
+from .accelerate_internals import LeanOptimizer, broadcast_buffers, check_launch_backend, fix_ddp_bucket_order, shard_on_cpu
 from .checkpoint import Checkpointer, RunLock
 from .components import (
     EMA,
@@ -196,6 +196,7 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
         )
     )
     checkpointer.before_save.append(lambda: metrics.carry_into(state))  # the unlogged loss sums go into checkpoints
+    checkpointer.before_save.append(lambda: broadcast_buffers(accelerator, model))  # FSDP: one set of buffers saved
     validator = Validator(cfg, accelerator, model, val_loader, loss_fn, metrics, watchdog, ema)
     guard = NonfiniteGuard(cfg, accelerator, model)
     unused = UnusedParameterCheck(cfg, accelerator, model)

@@ -18,6 +18,7 @@ SLOW_MODULES = {
     "test_split_streams",
     "test_hf_batches",
     "test_bench",
+    "test_fsdp",
 }
 # Run alone after the rest, which runs on two pytest workers (tests/run.sh): their checks race real clocks
 # (hang and startup timeouts, signals, SLURM's scheduler) that a test running beside them would slow.

@@ -15,18 +15,20 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_LAUNCH_CONFIG = REPO / "launch_configs" / "cpu.yaml"
+FSDP_CPU_LAUNCH_CONFIG = REPO / "launch_configs" / "fsdp_cpu.yaml"
 
 
-def cli_command(args: list[str], nproc: int = 1, subcommand: str = "train") -> list[str]:
-    """`python -m dist_train SUBCOMMAND ARGS`, or the same under `accelerate launch` with N CPU processes."""
-    if nproc == 1:
+def cli_command(args: list[str], nproc: int = 1, subcommand: str = "train", launch_config: Path | None = None) -> list[str]:
+    """`python -m dist_train SUBCOMMAND ARGS`, or the same under `accelerate launch` with N CPU processes
+    (`launch_config`: another launch config, e.g. FSDP_CPU_LAUNCH_CONFIG, launched even for 1 process)."""
+    if nproc == 1 and launch_config is None:
         return [sys.executable, "-m", "dist_train", subcommand, *args]
     return [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--config_file",
-        str(CPU_LAUNCH_CONFIG),
+        str(launch_config or CPU_LAUNCH_CONFIG),
         "--num_processes",
         str(nproc),
         "--main_process_port",
@@ -47,11 +49,18 @@ def _free_port() -> int:
 
 
 def run_cli(
-    args: list[str], nproc: int = 1, timeout: float = 300, check: bool = True, env: dict | None = None, subcommand: str = "train"
+    args: list[str],
+    nproc: int = 1,
+    timeout: float = 300,
+    check: bool = True,
+    env: dict | None = None,
+    subcommand: str = "train",
+    launch_config: Path | None = None,
 ) -> subprocess.CompletedProcess:
     """Run the CLI to completion; with check=True, a non-zero exit fails the test showing its output."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    result = subprocess.run(cli_command(args, nproc, subcommand), capture_output=True, text=True, timeout=timeout, env=full_env)
+    command = cli_command(args, nproc, subcommand, launch_config)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\nSTDOUT:\n{result.stdout[-4000:]}\nSTDERR:\n{result.stderr[-6000:]}")
     return result

@@ -91,6 +91,13 @@ def test_gpu_mode_without_a_gpu_says_so(tmp_path):
     assert not (tmp_path / "gpu.json").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when there is no GPU")
+def test_gpu_check_without_a_gpu_says_so():
+    """bench/gpu_check.py is for a GPU machine; here it says so and exits 2 (its checks are imported, so they parse)."""
+    result = _bench(timeout=60, module="bench.gpu_check")
+    assert result.returncode == 2 and "needs a CUDA GPU" in result.stdout
+
+
 def test_async_checkpoint_benchmark_runs(tmp_path):
     """The stall benchmark (bench/RESULTS.md) end to end on a small model; no timing is asserted."""
     result = _bench("--mib", "4", "--saves", "2", "--steps", "4", "--dir", str(tmp_path), module="bench.async_checkpoint")

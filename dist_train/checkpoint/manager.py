@@ -1,9 +1,10 @@
 """Checkpoints that never lose a step: written whole or not at all, verified before they are trusted.
 
 Layout: `output_dir/checkpoints/step_{N:08d}/` holds what `accelerator.save_state` writes (model weights
-as safetensors, optimizer, scheduler, one RNG file per rank, the registered TrainState), the run's
-`config.yaml`, and `manifest.json` (see manifest.py). A save goes to `.tmp-step_N`, gets its manifest
-after every file is on disk, and only then is renamed to `step_N`; older checkpoints are pruned after
+as safetensors, optimizer, scheduler, one RNG file per rank, the registered TrainState; under FSDP the model
+and optimizer as one shard file per rank), the run's `config.yaml`, and `manifest.json` (see manifest.py).
+A save goes to `.tmp-step_N`; each rank hashes and fsyncs the files it wrote, the main process gathers the
+digests into the manifest after every file is on disk, and only then is the folder renamed to `step_N`; older checkpoints are pruned after
 that. A crash at any moment leaves the previous checkpoints as they were.
 
 A mid-epoch checkpoint of a stream with a state (data.py's `StreamBatches`) also holds `data_state.pt`,
@@ -37,7 +38,7 @@ from ..config import Config
 from ..errors import UserError
 from ..state import TrainState
 from .async_save import DATA_STATE, PER_RANK, BackgroundWriter, HostCopier, take_snapshot, write_snapshot
-from .manifest import InvalidCheckpoint, fsync_path, read_manifest, write_manifest
+from .manifest import InvalidCheckpoint, fsync_path, hash_files, owned_files, read_manifest, write_manifest
 from .resume import Resuming, _warn
 from .safe_load import load_unwrapped_weights
 
@@ -128,9 +129,10 @@ class Checkpointer(Resuming):
             error = self._write_error(exc)
         self._agree(error, tmp)
         self._pause_for_tests(step)
+        digests = self._hash_own_files(tmp)  # every rank its own files: O(checkpoint / ranks) each
         if acc.is_main_process:
             try:
-                write_manifest(tmp, self._describe(record))
+                write_manifest(tmp, self._describe(record), digests)
                 self._publish(tmp, final)
             except OSError as exc:
                 error = self._write_error(exc)
@@ -315,6 +317,17 @@ class Checkpointer(Resuming):
             f"cannot write {what} to {where} ({reason}); existing checkpoints are "
             "untouched. Free disk space or make output_dir writable, then rerun with resume: auto."
         )
+
+    def _hash_own_files(self, tmp: Path) -> dict:
+        """Every rank hashes and fsyncs the files it wrote (manifest.py's `owner_of`); all digests, gathered."""
+        digests, error, rank = {}, None, self.accelerator.process_index
+        try:  # `rank` in each entry: which rank hashed it (a record for people and tests; verify ignores it)
+            digests = {name: {**entry, "rank": rank} for name, entry in hash_files(tmp, owned_files(tmp, rank)).items()}
+        except OSError as exc:
+            error = self._write_error(exc)
+        gathered = gather_object([(digests, error)])
+        self._agree(error, tmp)
+        return {name: entry for part, _ in gathered for name, entry in part.items()}
 
     def _agree(self, error: str | None, tmp: Path) -> None:
         """All ranks learn whether any rank failed (a collective), so no rank waits forever on another."""

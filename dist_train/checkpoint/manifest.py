@@ -3,6 +3,12 @@
 A checkpoint directory is complete exactly when its `manifest.json` exists and every file it lists
 has the listed hash: the manifest is written last, after every other file is on disk, and the
 directory only gets its final name afterwards (see manager.py). `verify` is what `resume` trusts.
+
+Hashing scales with the ranks: each file has an owner (`owner_of`: the rank whose number its name
+carries, `__R_0.distcp` of FSDP's sharded state or `random_states_R.pkl`; the main process for the
+rest), which hashes and fsyncs it after a save (`hash_files`); the main process only gathers the
+digests into the manifest (`write_manifest(..., digests=)`). On resume each rank verifies its share
+(`verify(..., share=(rank, world_size))`: the files whose owner maps onto it) and the ranks agree.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -98,18 +105,46 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_manifest(directory: Path, info: dict) -> dict:
-    """Hash and fsync every file of `directory`, then write `manifest.json` (fsynced) with `info` and the hashes."""
-    files, paths = {}, _files(directory)
+_RANK_IN_NAME = re.compile(r"(?:^|/)(?:__(\d+)_\d+\.distcp|random_states_(\d+)\.pkl)$")
+
+
+def owner_of(name: str) -> int:
+    """The rank that wrote a checkpoint file (relative path): the number in a per-rank file's name, else 0."""
+    match = _RANK_IN_NAME.search(name)
+    return int(match[1] or match[2]) if match else 0
+
+
+def owned_files(directory: Path, rank: int) -> list[Path]:
+    """The files of `directory` that `rank` wrote (and so hashes)."""
+    return [p for p in _files(directory) if owner_of(p.relative_to(directory).as_posix()) == rank]
+
+
+def hash_files(directory: Path, paths: list[Path]) -> dict:
+    """Hash and fsync `paths` (files of `directory`): `{relative name: {"sha256", "pieces", "bytes"}}`."""
+    files = {}
     with ThreadPoolExecutor(1) as flusher:  # the disk flushes while the CPU hashes
         flushed = [flusher.submit(fsync_path, path) for path in paths]
         for path in paths:
             files[path.relative_to(directory).as_posix()] = {**hash_file(path), "bytes": path.stat().st_size}
         for future in flushed:
             future.result()
+    return files
+
+
+def write_manifest(directory: Path, info: dict, digests: dict | None = None) -> dict:
+    """Write `manifest.json` (fsynced) with `info` and the hash of every file of `directory`.
+
+    `digests`: what the ranks hashed (and fsynced) of their own files; any file not in it is hashed and
+    fsynced here (without it: every file), and a digest of a file that is not there is an error."""
+    paths = _files(directory)
+    names = {p.relative_to(directory).as_posix() for p in paths}
+    digests = dict(digests or {})
+    if digests.keys() - names:
+        raise OSError(f"files hashed by their rank are missing from {directory}: {sorted(digests.keys() - names)[:8]}")
+    files = {**digests, **hash_files(directory, [p for p in paths if p.relative_to(directory).as_posix() not in digests])}
     for sub in sorted({p.parent for p in paths}, reverse=True):
         fsync_path(sub)
-    manifest = {**info, "files": files}
+    manifest = {**info, "files": dict(sorted(files.items()))}
     target = directory / MANIFEST
     with open(target, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -132,8 +167,11 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
-def verify(directory: Path) -> dict:
-    """The manifest of a complete, intact checkpoint; InvalidCheckpoint naming the first bad file otherwise."""
+def verify(directory: Path, share: tuple[int, int] | None = None) -> dict:
+    """The manifest of a complete, intact checkpoint; InvalidCheckpoint naming the first bad file otherwise.
+
+    `share=(rank, world_size)`: hash only this rank's share, the files whose owner maps onto it (owner mod
+    world_size), for the ranks to verify a checkpoint together; listing and sizes are checked whole."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     listed = manifest["files"]
@@ -152,6 +190,8 @@ def verify(directory: Path) -> dict:
     # file by file against the whole-file digest.
     jobs = []
     for name, entry in listed.items():
+        if share is not None and owner_of(name) % share[1] != share[0]:
+            continue
         pieces = entry.get("pieces")
         if isinstance(pieces, list) and len(pieces) == max(1, math.ceil(entry["bytes"] / PIECE_BYTES)):
             jobs += [(name, i, want) for i, want in enumerate(pieces)]

@@ -4,8 +4,9 @@
 checkpointer's `cfg`, `accelerator`, `state`, `root`, `enabled` and `_position`, and its `_complete`
 (the checkpoints on disk) and `_agree` (every rank learns of a failure on any rank).
 
-The main process chooses and verifies (hashes first, FSDP's sharded state vetted before PyTorch
-unpickles it); every rank then checks the position and the config changes, and loads with
+The main process lists the candidates from their manifests; every rank verifies its share of a candidate's
+hashes (the files its ranks wrote, see manifest.py) and all agree, the first intact one wins; the main process
+vets FSDP's sharded state before PyTorch unpickles it; every rank then checks the position and the config changes, and loads with
 `weights_only=True` throughout (see safe_load.py and accelerate_internals.py's `safe_custom_state_loader`).
 """
 
@@ -17,7 +18,7 @@ import traceback
 from pathlib import Path
 
 import yaml
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 from ..accelerate_internals import safe_custom_state_loader, set_micro_step
 from ..errors import UserError
@@ -53,10 +54,11 @@ class Resuming:
         self._position = position
         if not self.enabled:
             return
-        choice = self._choose() if self.accelerator.is_main_process else None
-        path, manifest, error = broadcast_object_list([choice])[0]
+        choice = self._candidates() if self.accelerator.is_main_process else None
+        candidates, explicit, error = broadcast_object_list([choice])[0]
         if error:
             raise UserError(error)
+        path, manifest = self._first_intact(candidates, explicit)
         if path is None:
             return
         exact_mid_epoch = position is not None and getattr(position, "exact", True)
@@ -85,32 +87,25 @@ class Resuming:
             ) from None
         return check_changes(saved, self.cfg, str(path))
 
-    def _choose(self) -> tuple[str | None, dict | None, str | None]:
-        """(path, manifest, error), decided on the main process; hashes are verified here."""
+    def _candidates(self) -> tuple[list[str], bool, str | None]:
+        """(checkpoints to try, newest first; whether the config named one; error), decided on the main process
+        from the manifests alone: their hashes are verified by every rank together (`_first_intact`)."""
         mode = self.cfg.resume
         if mode == "never":
             complete = self._complete()
             if complete:
                 return (
-                    None,
-                    None,
+                    [],
+                    False,
                     (
                         f"resume: never, but {self.root} already holds checkpoints (newest {complete[-1][1].name}) "
                         "that would mix with this run's. Use resume: auto to continue that run, another output_dir, "
                         "or delete the folder."
                     ),
                 )
-            return None, None, None
+            return [], False, None
         if mode != "auto":
-            try:
-                manifest = verify(Path(mode))
-            except InvalidCheckpoint as exc:
-                return None, None, f"resume: {mode!r} is not a usable checkpoint: {exc}."
-            try:
-                check_dcp_folder(Path(mode))
-            except UserError as exc:
-                return None, None, str(exc)
-            return mode, manifest, None
+            return [mode], True, None
         candidates = []
         for path in sorted(self.root.iterdir()) if self.root.is_dir() else []:
             # Only `step_*` is a checkpoint: `.tmp-` is a save before its rename (even with a manifest),
@@ -123,18 +118,36 @@ class Resuming:
                 candidates.append((int(read_manifest(path)["step"]), path))
             except InvalidCheckpoint as exc:
                 _warn(f"resume: auto skips incomplete checkpoint {path}: {exc}")
-        for _, path in sorted(candidates, reverse=True):
+        return [str(path) for _, path in sorted(candidates, reverse=True)], False, None
+
+    def _first_intact(self, candidates: list[str], explicit: bool) -> tuple[str | None, dict | None]:
+        """The first candidate whose every file matches its manifest, each rank hashing its share (the files
+        written by the ranks that map onto it), all agreeing; then vetted for pickled code (main process)."""
+        acc = self.accelerator
+        for path in candidates:
+            error = None
             try:
-                manifest = verify(path)
+                verify(Path(path), share=(acc.process_index, acc.num_processes))
             except InvalidCheckpoint as exc:
-                _warn(f"resume: auto skips corrupt checkpoint {path}: {exc}")
+                error = str(exc)
+            errors = [e for e in gather_object([error]) if e]
+            if errors:
+                if explicit:
+                    raise UserError(f"resume: {path!r} is not a usable checkpoint: {errors[0]}.")
+                if acc.is_main_process:
+                    _warn(f"resume: auto skips corrupt checkpoint {path}: {errors[0]}")
                 continue
-            try:
-                check_dcp_folder(path)  # FSDP's sharded state: vetted before PyTorch unpickles it
-            except UserError as exc:  # hashes match, yet it holds code: tampered with, never skipped quietly
-                return None, None, str(exc)
-            return str(path), manifest, None
-        return None, None, None
+            vetted = None
+            if acc.is_main_process:
+                try:
+                    check_dcp_folder(Path(path))  # FSDP's sharded state: vetted before PyTorch unpickles it
+                except UserError as exc:  # hashes match, yet it holds code: tampered with, never skipped quietly
+                    vetted = str(exc)
+            vetted = broadcast_object_list([vetted])[0]
+            if vetted:
+                raise UserError(vetted)
+            return path, read_manifest(Path(path))
+        return None, None
 
     def _check_position(self, path: str, manifest: dict, exact_mid_epoch: bool = True, counts_batches: bool = False) -> None:
         """Same kind of sharding, and a mid-epoch position on a global micro-batch boundary of this run."""

@@ -11,17 +11,21 @@ propose (half the current size). The probe leaves the model, its buffers and eve
 them, so a run whose configured size fits is the run without `auto_batch_size`.
 
 What it does not cover: an out-of-memory error later in training (e.g. a longer batch than the first)
-still fails the run; with several processes it cannot be retried without a rank hanging.
+still fails the run; with several processes it cannot be retried without a rank hanging. Under FSDP the
+probe's forward and backward are collective (parameters are gathered per unit), so the ranks must run out
+at the same size, as identical GPUs with equal shards do; a rank that runs out alone leaves the others in
+an all-gather (docs/fsdp.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import find_executable_batch_size
+from accelerate.utils import DistributedType, find_executable_batch_size
 
 from ..accelerate_internals import is_out_of_memory
 from ..config import Config
@@ -34,7 +38,11 @@ def _probe(accelerator: Accelerator, model, optimizer, train_loader, loss_fn, cf
     buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     out_of_memory = False
-    with torch.random.fork_rng(devices=devices), accelerator.no_sync(model):
+    # Under FSDP2 a backward inside no_sync keeps its gradients unsharded, outside `.grad` where zero_grad cannot
+    # clear them, and adds them into the next synced backward: the first training step. Its forward is collective
+    # anyway (every rank probes), so there the probe's backward reduces like a training one and zero_grad clears it.
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    with torch.random.fork_rng(devices=devices), contextlib.nullcontext() if fsdp else accelerator.no_sync(model):
         batch = next(iter(train_loader))
         train_loader.end()  # left after one batch: tell Accelerate's gradient state this loader is done
         inputs, targets = split_batch(batch, cfg.data, loss_fn.model_computes)

@@ -6,6 +6,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import reduce
 
+from ..accelerate_internals import broadcast_buffers
 from ..components import Loss, logits_of
 from ..data import batch_size_of, call_model, split_batch
 from ..errors import UserError
@@ -79,6 +80,7 @@ def evaluate(
                 f"collective (every rank at every batch); yield the whole {prefix} stream on every rank instead."
             )
         model = accelerator.unwrap_model(model)  # keeps mixed precision's autocast
+    broadcast_buffers(accelerator, model)  # FSDP: every rank evaluates with rank 0's BatchNorm statistics, as under DDP
     was_training = model.training
     model.eval()
     if metrics is not None:
