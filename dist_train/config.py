@@ -312,6 +312,9 @@ def _check_value(name: str, value: Any) -> Any:
         # YAML 1.1 reads `3e-4` (no dot) as a string; users mean the number.
         with contextlib.suppress(ValueError):
             value = float(value)
+    if base is str and isinstance(value, bool) and "no" in (f.metadata["choices"] or ()):
+        # YAML 1.1 reads `mixed_precision=no` (as Accelerate's own CLI spells it) as false; the user means "no".
+        value = "no" if not value else value
     if base is list and name == "log_with" and isinstance(value, str):
         value = [value]
     # bool is an int subclass, so `epochs: true` must be caught explicitly.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from dist_train.cli import main
 from helpers import run_cli, seed_project_args, write_seed_project
@@ -91,3 +93,45 @@ def test_real_process_prints_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"Config file '{tmp_path / 'missing.yaml'}' does not exist; check the --config path." in result.stderr
+
+
+def test_a_dict_batch_for_a_one_tensor_model_and_mismatched_loss_shapes_are_one_line(capsys, project, tmp_path):
+    """Issue 19: Python's `unexpected keyword argument` and a reshape error deep in the loss were the messages."""
+    data = tmp_path / "dict_data.py"
+    data.write_text(
+        textwrap.dedent("""
+        import torch
+        from torch.utils.data import DataLoader
+
+        def get_dataloader(cfg, train):
+            rows = [{"input_ids": torch.arange(16), "attention_mask": torch.ones(16), "labels": torch.tensor(1)} for _ in range(8)]
+            return DataLoader(rows, batch_size=cfg.batch_size)
+    """)
+    )
+    err = _run(capsys, *_args(project, tmp_path, f"data={data}:get_dataloader"))
+    assert "model: MyModel.forward requires 'x', and the batch is a dict of 'input_ids', 'attention_mask'" in err
+    assert "yield (inputs, targets) for a model that takes one tensor" in err
+    # The seed model's 4 logits per sample against one class label per sample, under mse.
+    err = _run(capsys, *_args(project, tmp_path, "loss=mse", "batch_size=8", "monitor=val_loss"))
+    assert "loss: mse between the model's outputs of shape [8, 4] and targets of shape [8]: it needs one target per output" in err
+
+
+@pytest.mark.parametrize(
+    "outputs, targets, expected",
+    [
+        ((8,), (8,), "outputs of shape [8] and targets of shape [8]"),
+        ((8, 4), (6,), "outputs of shape [8, 4] and targets of shape [6]"),
+        ((8, 5, 4), (8, 3), "outputs of shape [8, 5, 4] and targets of shape [8, 3]"),
+    ],
+)
+def test_cross_entropy_names_both_shapes(outputs, targets, expected):
+    from dist_train.components import Loss
+    from dist_train.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(f"loss: cross_entropy between the model's {expected}")):
+        Loss("cross_entropy")(torch.zeros(outputs), torch.zeros(targets, dtype=torch.long))
+    with pytest.raises(UserError, match=re.escape("Make the targets integers (.long())")):
+        Loss("cross_entropy")(torch.zeros(8, 4), torch.zeros(8))
+    # What it takes: class indices (per sample or per token) and class probabilities.
+    assert Loss("cross_entropy")(torch.zeros(8, 5, 4), torch.zeros(8, 5, dtype=torch.long)).shape == ()
+    assert Loss("cross_entropy")(torch.zeros(8, 4), torch.full((8, 4), 0.25)).shape == ()

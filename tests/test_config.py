@@ -180,3 +180,12 @@ def test_missing_tracker_packages_are_named_with_the_extra(monkeypatch):
     monkeypatch.setattr(accelerate.utils, "is_tensorboard_available", lambda: False)  # as Accelerate sees it
     with pytest.raises(UserError, match=r"'tensorboard' needs the tensorboard package.*dist-train\[tensorboard\]"):
         check_trackers_installed(["tensorboard"])
+
+
+def test_mixed_precision_no_is_no_not_yaml_false(tmp_path):
+    """`mixed_precision=no`, as Accelerate's own CLI spells it: YAML 1.1 reads `no` as false (issue 19)."""
+    assert load_config(None, ["mixed_precision=no"]).mixed_precision == "no"
+    (tmp_path / "run.yaml").write_text("mixed_precision: no\n")
+    assert load_config(tmp_path / "run.yaml").mixed_precision == "no"
+    with pytest.raises(UserError, match="'mixed_precision' has value True"):
+        load_config(None, ["mixed_precision=yes"])

@@ -130,3 +130,57 @@ def test_a_dict_without_labels_and_a_model_without_a_loss_are_named(project, tmp
     result, with_model_loss = run_clis({"args": args(tmp_path / "a")}, {"args": args(tmp_path / "b", "loss=model")}, check=False)
     assert result.returncode == 2 and "yielded a dict without 'labels'" in result.stderr and "loss: model" in result.stderr
     assert with_model_loss.returncode == 2 and "without a `loss` tensor" in with_model_loss.stderr
+
+
+EXTRA_COLUMNS = '''
+import datasets
+import torch
+import torch.nn as nn
+from hf_project import make_model, tokenize
+
+
+class Tagger(nn.Module):
+    """Named keyword parameters only, and a dict with logits and no loss: a built-in loss takes the logits."""
+
+    def __init__(self, vocab=16, hidden=8):
+        super().__init__()
+        self.embed = nn.EmbeddingBag(vocab, hidden, mode="sum")
+        self.head = nn.Linear(hidden, 2)
+
+    def forward(self, input_ids, attention_mask=None):
+        return {"logits": self.head(self.embed(input_ids, per_sample_weights=attention_mask.float()))}
+
+
+def get_dataset(cfg, train):
+    """The usual extra columns beside the model's: the raw `text` and an `idx`."""
+    split = datasets.load_dataset("json", data_files=cfg.files, split="train" if train else "validation")
+    split = split.map(tokenize, remove_columns=["label"])
+    return split.add_column("idx", list(range(len(split)))).with_format("torch")
+'''
+
+
+@pytest.mark.parametrize("model", ["Tagger", "bert"])
+def test_columns_the_model_does_not_take_are_dropped_and_named_once(project, tmp_path, capsys, model):
+    """Issue 19: `forward() got an unexpected keyword argument 'text'`. A model with named parameters (a dict
+    with logits and no loss out) and a transformers model (typed **kwargs; a ModelOutput whose loss is None
+    under a built-in loss) both train; the dropped columns are said once."""
+    import sys
+
+    from helpers import train_in_process
+
+    (project / "extra_columns.py").write_text(EXTRA_COLUMNS)
+    args = [a.replace("hf_project.py:get_dataset", "extra_columns.py:get_dataset") for a in _args(project, tmp_path / "out", "epochs=1")]
+    if model == "Tagger":
+        args = [a for a in args if not a.startswith(("model=", "model_args="))] + [f"model={project / 'extra_columns.py'}:Tagger"]
+    sys.path.insert(0, str(project))  # extra_columns imports hf_project, as a user's module beside it would
+    try:
+        capsys.readouterr()
+        result = train_in_process([*args, "loss=cross_entropy", "batch_size=8"])
+    finally:
+        sys.path.remove(str(project))
+    out = capsys.readouterr().out
+    forward = "Tagger.forward" if model == "Tagger" else "BertForSequenceClassification.forward"
+    said = f"dist_train: the batch's column(s) 'text', 'idx' are not parameters of {forward}; they are left out of every call"
+    assert out.count(said) == 1, out
+    assert out.count("left out of every call") == 1
+    assert result["val_samples"] == 19 and "val_accuracy" in result

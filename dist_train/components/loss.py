@@ -10,7 +10,21 @@ from ..errors import UserError
 from ..plugins import resolve
 
 
+def _shapes(name: str, outputs: torch.Tensor, targets: torch.Tensor, expected: str) -> UserError:
+    return UserError(
+        f"loss: {name} between the model's outputs of shape {list(outputs.shape)} and targets of shape {list(targets.shape)}: {expected}"
+    )
+
+
 def _mse_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if outputs.numel() != targets.numel():
+        raise _shapes(
+            "mse",
+            outputs,
+            targets,
+            "it needs one target per output. Give the model one output per target (e.g. out_features=1 for "
+            "one value per sample), or use loss: cross_entropy for class labels.",
+        )
     per_element = F.mse_loss(outputs, targets.to(outputs.dtype).view_as(outputs), reduction="none")
     return per_element.reshape(per_element.shape[0], -1).mean(dim=1)
 
@@ -20,6 +34,17 @@ def _cross_entropy_per_sample(outputs: torch.Tensor, targets: torch.Tensor) -> t
         # Sequence logits (batch, tokens, classes), as language models return them: torch wants the
         # classes on dim 1.
         outputs = outputs.movedim(-1, 1)
+    probabilities = targets.is_floating_point() and targets.shape == outputs.shape
+    indices = outputs.ndim >= 2 and targets.shape == outputs.shape[:1] + outputs.shape[2:]
+    if not probabilities and (not indices or targets.is_floating_point()):
+        raise _shapes(
+            "cross_entropy",
+            outputs,
+            targets,
+            "it needs logits (batch, classes) and integer class indices (batch,) (or per token: (batch, tokens, "
+            "classes) and (batch, tokens)), or class probabilities of the logits' shape. "
+            + ("Make the targets integers (.long())." if indices else "Return one logit per class, or use loss: mse for values."),
+        )
     return F.cross_entropy(outputs.float(), targets, reduction="none")
 
 
