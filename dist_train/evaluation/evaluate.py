@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import reduce
@@ -39,10 +41,18 @@ def _real_rows(accelerator: Accelerator, size: int) -> int:
 
 
 def _rows(value, count: int):
+    """The first `count` rows of a batch, of the model's inputs or of its outputs (a tensor, a dict or a
+    transformers `ModelOutput`, which keeps its type, a tuple)."""
     if value is None:
         return None
     if isinstance(value, dict):
-        return {k: _rows(v, count) for k, v in value.items()}
+        sliced = copy.copy(value)
+        for key, item in value.items():
+            sliced[key] = _rows(item, count)
+        return sliced
+    if isinstance(value, (tuple, list)):
+        items = [_rows(item, count) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     return value[:count] if isinstance(value, torch.Tensor) and value.ndim else value
 
 
