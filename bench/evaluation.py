@@ -120,9 +120,9 @@ def dist_train_predict(run: Path, out: Path) -> None:
     _reset_accelerate()
 
 
-def _timed(fn) -> float:
+def _timed(fn, *args) -> float:
     start = time.perf_counter()
-    fn()
+    fn(*args)
     return time.perf_counter() - start
 
 
@@ -143,12 +143,16 @@ def main(argv: list[str] | None = None) -> dict:
         report["same_result"] = abs(hand["loss"] - ours["val_loss"]) <= 1e-6 * hand["loss"] and hand["accuracy"] == ours["val_accuracy"]
         for name, hand_arm, our_arm in (
             ("evaluate", lambda i: hand_evaluate(run, samples), lambda i: dist_train_evaluate(run)),
-            ("predict", lambda i: hand_predict(run, samples, Path(tmp) / f"hand{i}"), lambda i: dist_train_predict(run, Path(tmp) / f"ours{i}")),
+            (
+                "predict",
+                lambda i: hand_predict(run, samples, Path(tmp) / f"hand{i}"),
+                lambda i: dist_train_predict(run, Path(tmp) / f"ours{i}"),
+            ),
         ):
             times = {"hand": [], "dist_train": []}
             for i in range(pairs):
-                times["hand"].append(_timed(lambda: hand_arm(i)))
-                times["dist_train"].append(_timed(lambda: our_arm(i)))
+                times["hand"].append(_timed(hand_arm, i))
+                times["dist_train"].append(_timed(our_arm, i))
             ratios = [h / d for h, d in zip(times["hand"], times["dist_train"])]
             report[name] = {
                 "hand_samples_per_s": samples / statistics.median(times["hand"]),

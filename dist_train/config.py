@@ -294,7 +294,7 @@ def _check_value(name: str, value: Any) -> Any:
         # YAML 1.1 reads `3e-4` (no dot) as a string; users mean the number.
         with contextlib.suppress(ValueError):
             value = float(value)
-    if base is list and name == "log_with" and isinstance(value, str):
+    if base is list and name in ("log_with", "metrics") and isinstance(value, str):
         value = [value]
     # bool is an int subclass, so `epochs: true` must be caught explicitly.
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, set_seed
 
 from . import evaluation  # evaluation.evaluate / .predict: the functions, not the modules of those names
 from .components import Loss
@@ -60,6 +60,7 @@ def _accelerator(cfg: Config) -> Accelerator:
             f"Launched as {launched} processes (WORLD_SIZE) but Accelerate formed a job of {accelerator.num_processes}; "
             "launch with a multi-process config (launch_configs/cpu.yaml on CPU, multi_gpu.yaml on GPUs)."
         )
+    set_seed(cfg.seed)  # a sampler or a stream drawing from the global RNG draws the run's order, the same on every rank
     return accelerator
 
 
