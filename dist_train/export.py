@@ -41,7 +41,7 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * _UNITS[match[2]])
 
 
-def choose_weights(source: Path) -> tuple[Path, str, int | None]:
+def choose_weights(source: Path, command: str = "export") -> tuple[Path, str, int | None]:
     """The folder to export (it holds the weights and config.yaml), how to name it, and its optimizer step.
 
     A checkpoint is taken as it is. For a run directory: its final weights, which the loop writes after
@@ -52,7 +52,7 @@ def choose_weights(source: Path) -> tuple[Path, str, int | None]:
         try:
             return source, f"checkpoint {source}", verify(source)["step"]
         except InvalidCheckpoint as exc:
-            raise UserError(f"export: {source} is not a usable checkpoint: {exc}.") from None
+            raise UserError(f"{command}: {source} is not a usable checkpoint: {exc}.") from None
     final = next((source / name for name in (INDEX_NAME, WEIGHTS_NAME) if (source / name).is_file()), None)
     candidates = []
     for path in (source / "checkpoints").glob("step_*") if source.is_dir() else []:
@@ -67,7 +67,7 @@ def choose_weights(source: Path) -> tuple[Path, str, int | None]:
     if final:
         return source, f"the final weights of {source}", _final_step(source, final)
     raise UserError(
-        f"export: {source} is neither a checkpoint nor a run directory with model.safetensors or a complete checkpoint in checkpoints/."
+        f"{command}: {source} is neither a checkpoint nor a run directory with model.safetensors or a complete checkpoint in checkpoints/."
     )
 
 

@@ -35,8 +35,8 @@ from .faults import process_group_kwargs
 from .plugins import build_model, check_call, resolve
 
 
-def _open(source: str, overrides: list[str]) -> tuple[Config, Path, str, int | None]:
-    folder, what, step = choose_weights(Path(source))
+def _open(source: str, overrides: list[str], command: str) -> tuple[Config, Path, str, int | None]:
+    folder, what, step = choose_weights(Path(source), command)
     config = folder / "config.yaml"
     if not config.is_file():
         raise UserError(f"{folder} has no config.yaml (model, data, loss); evaluate a run's output_dir or one of its checkpoints.")
@@ -92,7 +92,7 @@ def _validation_loader(cfg: Config, world_size: int):
 
 def run_evaluate(source: str, set_name: str = "val", overrides: list[str] = (), report_path: str | None = None) -> dict:
     """The loss and metrics of the weights `source` names on one set; printed as JSON by the main process."""
-    cfg, folder, what, step = _open(source, overrides)
+    cfg, folder, what, step = _open(source, overrides, "evaluate")
     _check_set(cfg, set_name)
     accelerator = _accelerator(cfg)
     model = _model(cfg, folder, accelerator)
@@ -125,7 +125,7 @@ def run_predict(source: str, out: str, set_name: str = "val", overrides: list[st
     """Every sample's outputs on one set, written to `out` as parts and a manifest (evaluation/predict.py)."""
     if shard_samples < 1:
         raise UserError(f"--shard-samples {shard_samples} must be at least 1.")
-    cfg, folder, what, step = _open(source, overrides)
+    cfg, folder, what, step = _open(source, overrides, "predict")
     _check_set(cfg, set_name)
     accelerator = _accelerator(cfg)
     model = _model(cfg, folder, accelerator)
