@@ -333,3 +333,30 @@ def test_a_torchmetrics_metric_needs_torchmetrics_installed(tmp_path):
         "metrics: 'f1' names 'torchmetrics.classification:MulticlassF1Score' but torchmetrics is not installed; pip install 'dist-train[metrics]'"
         in result.stdout
     )
+
+
+def test_metric_values_per_class_and_a_wrong_return_are_said(tmp_path):
+    """In one process: a per-class torchmetrics value becomes NAME_0.., a scalar-returning function is one line."""
+    from dist_train.eval_spec import parse_metrics
+    from dist_train.evaluation import MetricSet
+
+    (tmp_path / "m.py").write_text("def batch_mean(outputs, targets):\n    return outputs.mean()\n")
+    entries = [
+        "top3_accuracy",
+        {"name": "recall", "metric": "torchmetrics.classification:MulticlassRecall", "args": {"num_classes": 3, "average": "none"}},
+    ]
+    metrics = MetricSet(parse_metrics(entries), torch.device("cpu"))
+    outputs, targets = torch.eye(3)[[0, 1, 1, 2]], torch.tensor([0, 1, 2, 2])
+    metrics.update(outputs, targets)
+    values = metrics.result(metrics.sums, "test")
+    assert values == {"test_top3_accuracy": 1.0, "test_recall_0": 1.0, "test_recall_1": 1.0, "test_recall_2": 0.5}
+    wrong = MetricSet(parse_metrics([{"name": "mean", "metric": f"{tmp_path / 'm.py'}:batch_mean"}]), torch.device("cpu"))
+    with pytest.raises(UserError) as caught:
+        wrong.update(outputs, targets)
+    assert str(caught.value) == (
+        "metrics: 'mean' returned [] for a batch of 4; a metric function returns one value per sample "
+        "(first dimension = batch) or a pair (numerator, denominator) summed over the set."
+    )
+    too_many = MetricSet(parse_metrics(["top5_accuracy"]), torch.device("cpu"))
+    with pytest.raises(UserError, match="metrics: top5_accuracy needs at least 5 classes; the model returns 3."):
+        too_many.update(outputs, targets)
