@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import IterableDataset
 
 from . import evaluation  # evaluation.evaluate / .predict: the functions, not the modules of those names
 from .components import Loss
@@ -134,6 +135,8 @@ def run_predict(source: str, out: str, set_name: str = "val", overrides: list[st
     else:
         (spec,) = [s for s in parse_eval_sets(cfg.eval_sets) if s.name == set_name]
         loader, data_spec = named_loader(cfg, spec, accelerator.num_processes)
+    if getattr(loader, "per_rank", False) and not isinstance(loader.dataset, IterableDataset):
+        raise UserError(f"predict: the {set_name} loader from {data_spec!r} has a batch_sampler; give it a batch_size to predict.")
     if getattr(loader, "per_rank", False):
         raise UserError(
             f"predict: the {set_name} stream from {data_spec!r} is split per rank, so a sample's global index depends on "

@@ -80,13 +80,14 @@ def evaluate(
     """
     per_rank = getattr(loader, "per_rank", False)
     if per_rank:
-        # Each rank's own part of a split stream, of its own length: no collective per batch (DDP's buffer
-        # broadcast in forward) that a rank with fewer batches would leave waiting; the sums are added over
-        # the ranks once, at the end.
+        # Each rank's own part (of a split stream, or a batch_sampler's batches dealt whole), of its own length:
+        # no collective per batch (DDP's buffer broadcast in forward) that a rank with fewer batches would leave
+        # waiting; the sums are added over the ranks once, at the end.
         if "FSDP" in str(accelerator.distributed_type):
             raise UserError(
-                f"data: the {prefix} stream from {data_spec!r} is split per rank, and an FSDP model's forward is "
-                f"collective (every rank at every batch); yield the whole {prefix} stream on every rank instead."
+                f"data: the {prefix} set from {data_spec!r} is read per rank (a stream split per rank, or a batch_sampler), "
+                f"and an FSDP model's forward is collective (every rank at every batch); yield the whole {prefix} stream "
+                "on every rank, or give the loader a batch_size instead."
             )
         model = accelerator.unwrap_model(model)  # keeps mixed precision's autocast
     was_training = model.training
