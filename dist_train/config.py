@@ -181,6 +181,7 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+_HINTS = typing.get_type_hints(Config)  # once: resolving them per key took ~1 ms each
 
 
 def _key_docs():
@@ -299,7 +300,7 @@ def _closest(key: str) -> str:
 def _check_value(name: str, value: Any) -> Any:
     """Return `value` converted to the field's type, or raise a UserError naming key, value and expectation."""
     f = FIELDS[name]
-    hint = typing.get_type_hints(Config)[name]
+    hint = _HINTS[name]
     optional = typing.get_origin(hint) is typing.Union
     base = [a for a in typing.get_args(hint) if a is not type(None)][0] if optional else hint
     if value is None:
@@ -315,7 +316,7 @@ def _check_value(name: str, value: Any) -> Any:
     if base is str and isinstance(value, bool) and "no" in (f.metadata["choices"] or ()):
         # YAML 1.1 reads `mixed_precision=no` (as Accelerate's own CLI spells it) as false; the user means "no".
         value = "no" if not value else value
-    if base is list and name == "log_with" and isinstance(value, str):
+    if base is list and name in ("log_with", "metrics") and isinstance(value, str):
         value = [value]
     # bool is an int subclass, so `epochs: true` must be caught explicitly.
     if not isinstance(value, base) or (base is int and isinstance(value, bool)):

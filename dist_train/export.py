@@ -41,7 +41,7 @@ def parse_size(text: str) -> int:
     return int(float(match[1]) * _UNITS[match[2]])
 
 
-def choose_weights(source: Path, ema: bool = False) -> tuple[Path, str, int | None]:
+def choose_weights(source: Path, ema: bool = False, command: str = "export") -> tuple[Path, str, int | None]:
     """The folder to export (it holds the weights and config.yaml), how to name it, and its optimizer step.
 
     A checkpoint is taken as it is. For a run directory: its final weights, which the loop writes after
@@ -53,7 +53,7 @@ def choose_weights(source: Path, ema: bool = False) -> tuple[Path, str, int | No
         try:
             return source, f"checkpoint {source}", verify(source)["step"]
         except InvalidCheckpoint as exc:
-            raise UserError(f"export: {source} is not a usable checkpoint: {exc}.") from None
+            raise UserError(f"{command}: {source} is not a usable checkpoint: {exc}.") from None
     finals = source / "ema" if ema else source
     final = next((finals / name for name in (INDEX_NAME, WEIGHTS_NAME) if (finals / name).is_file()), None)
     candidates = []
@@ -69,7 +69,7 @@ def choose_weights(source: Path, ema: bool = False) -> tuple[Path, str, int | No
     if final:
         return source, f"the final {'EMA ' if ema else ''}weights of {source}", _final_step(source, final)
     raise UserError(
-        f"export: {source} is neither a checkpoint nor a run directory with model.safetensors or a complete checkpoint in checkpoints/."
+        f"{command}: {source} is neither a checkpoint nor a run directory with model.safetensors or a complete checkpoint in checkpoints/."
     )
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import IterableDataset
 
 from . import evaluation  # evaluation.evaluate / .predict: the functions, not the modules of those names
 from .components import Loss
@@ -35,8 +36,8 @@ from .faults import process_group_kwargs
 from .plugins import build_model, check_call, resolve
 
 
-def _open(source: str, overrides: list[str]) -> tuple[Config, Path, str, int | None]:
-    folder, what, step = choose_weights(Path(source))
+def _open(source: str, overrides: list[str], command: str) -> tuple[Config, Path, str, int | None]:
+    folder, what, step = choose_weights(Path(source), command=command)
     config = folder / "config.yaml"
     if not config.is_file():
         raise UserError(f"{folder} has no config.yaml (model, data, loss); evaluate a run's output_dir or one of its checkpoints.")
@@ -60,6 +61,7 @@ def _accelerator(cfg: Config) -> Accelerator:
             f"Launched as {launched} processes (WORLD_SIZE) but Accelerate formed a job of {accelerator.num_processes}; "
             "launch with a multi-process config (launch_configs/cpu.yaml on CPU, multi_gpu.yaml on GPUs)."
         )
+    set_seed(cfg.seed)  # a sampler or a stream drawing from the global RNG draws the run's order, the same on every rank
     return accelerator
 
 
@@ -91,7 +93,7 @@ def _validation_loader(cfg: Config, world_size: int):
 
 def run_evaluate(source: str, set_name: str = "val", overrides: list[str] = (), report_path: str | None = None) -> dict:
     """The loss and metrics of the weights `source` names on one set; printed as JSON by the main process."""
-    cfg, folder, what, step = _open(source, overrides)
+    cfg, folder, what, step = _open(source, overrides, "evaluate")
     _check_set(cfg, set_name)
     accelerator = _accelerator(cfg)
     model = _model(cfg, folder, accelerator)
@@ -124,7 +126,7 @@ def run_predict(source: str, out: str, set_name: str = "val", overrides: list[st
     """Every sample's outputs on one set, written to `out` as parts and a manifest (evaluation/predict.py)."""
     if shard_samples < 1:
         raise UserError(f"--shard-samples {shard_samples} must be at least 1.")
-    cfg, folder, what, step = _open(source, overrides)
+    cfg, folder, what, step = _open(source, overrides, "predict")
     _check_set(cfg, set_name)
     accelerator = _accelerator(cfg)
     model = _model(cfg, folder, accelerator)
@@ -133,6 +135,8 @@ def run_predict(source: str, out: str, set_name: str = "val", overrides: list[st
     else:
         (spec,) = [s for s in parse_eval_sets(cfg.eval_sets) if s.name == set_name]
         loader, data_spec = named_loader(cfg, spec, accelerator.num_processes)
+    if getattr(loader, "per_rank", False) and not isinstance(loader.dataset, IterableDataset):
+        raise UserError(f"predict: the {set_name} loader from {data_spec!r} has a batch_sampler; give it a batch_size to predict.")
     if getattr(loader, "per_rank", False):
         raise UserError(
             f"predict: the {set_name} stream from {data_spec!r} is split per rank, so a sample's global index depends on "

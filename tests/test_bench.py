@@ -110,3 +110,16 @@ def test_streaming_benchmark_runs():
     result = _bench("--steps", "6", "--window", "2", "--pairs", "1", "--stateful", module="bench.streaming")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "throughput dist_train / seed:" in result.stdout and "stream position: state_dict copy" in result.stdout
+
+
+def test_evaluation_benchmark_runs_and_both_arms_agree(tmp_path):
+    """`dist-train evaluate`/`predict` against a hand-written no_grad loop (bench/RESULTS.md); no timing asserted."""
+    path = tmp_path / "report.json"
+    result = _bench("--smoke", "--json", str(path), module="bench.evaluation")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(path.read_text())
+    assert report["same_result"] is True  # the same loss and accuracy from both arms
+    for name in ("evaluate", "predict"):
+        for clock in ("wall", "cpu"):
+            assert report[name][clock]["hand_samples_per_s"] > 0 and report[name][clock]["dist_train_samples_per_s"] > 0
+            assert f"{name:<9} {clock:<4} hand" in result.stdout

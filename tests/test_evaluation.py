@@ -3,7 +3,8 @@
 One frozen training (lr=0) on 1, 2 and 3 ranks logs the loss and every kind of metric (built-ins, a
 torchmetrics F1, two user functions) on four sets: the validation set (101 samples, batch 8: the size
 divides neither the batch nor the ranks), a stream without a length (37), a map-style set read through
-the user's SubsetRandomSampler (53 of 90) and a soft-label set with its own metrics and interval. Each
+the user's SubsetRandomSampler (53 of 90), a soft-label set with its own metrics and interval, and a
+set read through the user's batch_sampler (batches of 5, 7 and 3: 7 batches of 31 samples). Each
 value must equal the metric computed here in one process, in float64, over the whole set.
 """
 
@@ -91,6 +92,24 @@ def soft(cfg):
     return DataLoader(TensorDataset(*soft_data()), batch_size=cfg.batch_size)
 
 
+class Buckets(torch.utils.data.Sampler):
+    """Batches of 5, 7 and 3 samples in turn: 31 samples make 7 batches."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        start, sizes = 0, [5, 7, 3]
+        while start < self.n:
+            yield list(range(start, min(start + sizes[0], self.n)))
+            start += sizes[0]
+            sizes = sizes[1:] + sizes[:1]
+
+
+def bucketed(cfg):
+    return DataLoader(TensorDataset(*tensors(6, 31)), batch_sampler=Buckets(31))
+
+
 def margin(outputs, targets):
     top2 = outputs.topk(2, dim=-1).values
     return top2[:, 0] - top2[:, 1]
@@ -118,6 +137,7 @@ eval_sets:
   stream: {{}}
   sampled: {proj}:sampled
   soft: {{data: "{proj}:soft", every: 2, metrics: [mse, mae, {{name: margin, metric: "{proj}:margin"}}]}}
+  bucketed: {proj}:bucketed
 """
 
 
@@ -142,9 +162,10 @@ def _reference(folder: Path, weights: dict) -> dict:
     x, y = proj.tensors(1, 101)
     stream_x, stream_y = proj.tensors(2, 37)
     sampled_x, sampled_y = (t[list(proj.SAMPLED)] for t in proj.tensors(3, 90))
+    sets = {"val": (x, y), "stream": (stream_x, stream_y), "sampled": (sampled_x, sampled_y), "bucketed": proj.tensors(6, 31)}
     expected = {}
     with torch.no_grad():
-        for name, (inputs, targets) in {"val": (x, y), "stream": (stream_x, stream_y), "sampled": (sampled_x, sampled_y)}.items():
+        for name, (inputs, targets) in sets.items():
             out = model(inputs.double())
             predicted = out.argmax(-1)
             top2 = out.topk(2, -1)
@@ -190,7 +211,7 @@ def test_every_metric_on_1_2_3_ranks_is_the_whole_set_metric_in_float64(runs):
         records = read_metrics(out)
         final = [r for r in records if "val_loss" in r][-1]
         assert final["num_processes"] == n
-        for name in ("val", "stream", "sampled", "soft"):
+        for name in ("val", "stream", "sampled", "soft", "bucketed"):
             _assert_equal(final, expected[name])
         # soft has its own interval: every 2 optimizer steps, alone, and at the last step with the rest
         alone = [r["step"] for r in records if "soft_loss" in r and "val_loss" not in r]
@@ -226,7 +247,7 @@ def test_evaluate_reports_what_the_run_logged_on_1_and_2_ranks_and_leaves_the_ru
         if key.startswith("sampled_"):
             assert report["metrics"][key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
     assert wrong.returncode == 2
-    assert "dist-train: error: --set 'nope' is not a set of this run; choose one of: val, stream, sampled, soft" in wrong.stderr
+    assert "dist-train: error: --set 'nope' is not a set of this run; choose one of: val, stream, sampled, soft, bucketed" in wrong.stderr
     assert (_files(outs[1]), _files(outs[2])) == before  # nothing written, nothing touched
 
 
@@ -333,3 +354,30 @@ def test_a_torchmetrics_metric_needs_torchmetrics_installed(tmp_path):
         "metrics: 'f1' names 'torchmetrics.classification:MulticlassF1Score' but torchmetrics is not installed; pip install 'dist-train[metrics]'"
         in result.stdout
     )
+
+
+def test_metric_values_per_class_and_a_wrong_return_are_said(tmp_path):
+    """In one process: a per-class torchmetrics value becomes NAME_0.., a scalar-returning function is one line."""
+    from dist_train.eval_spec import parse_metrics
+    from dist_train.evaluation import MetricSet
+
+    (tmp_path / "m.py").write_text("def batch_mean(outputs, targets):\n    return outputs.mean()\n")
+    entries = [
+        "top3_accuracy",
+        {"name": "recall", "metric": "torchmetrics.classification:MulticlassRecall", "args": {"num_classes": 3, "average": "none"}},
+    ]
+    metrics = MetricSet(parse_metrics(entries), torch.device("cpu"))
+    outputs, targets = torch.eye(3)[[0, 1, 1, 2]], torch.tensor([0, 1, 2, 2])
+    metrics.update(outputs, targets)
+    values = metrics.result(metrics.sums, "test")
+    assert values == {"test_top3_accuracy": 1.0, "test_recall_0": 1.0, "test_recall_1": 1.0, "test_recall_2": 0.5}
+    wrong = MetricSet(parse_metrics([{"name": "mean", "metric": f"{tmp_path / 'm.py'}:batch_mean"}]), torch.device("cpu"))
+    with pytest.raises(UserError) as caught:
+        wrong.update(outputs, targets)
+    assert str(caught.value) == (
+        "metrics: 'mean' returned [] for a batch of 4; a metric function returns one value per sample "
+        "(first dimension = batch) or a pair (numerator, denominator) summed over the set."
+    )
+    too_many = MetricSet(parse_metrics(["top5_accuracy"]), torch.device("cpu"))
+    with pytest.raises(UserError, match="metrics: top5_accuracy needs at least 5 classes; the model returns 3."):
+        too_many.update(outputs, targets)

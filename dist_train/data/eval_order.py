@@ -9,6 +9,10 @@ draw's order, cut to whole batches when `drop_last`): its length is the set's, a
 and `remainder` count it exactly. The draw is taken when the run starts: every evaluation of the run sees
 the same samples, and all ranks must draw the same (a sampler seeded from its own generator, or from the
 global seed the run sets): checked.
+
+A loader with a `batch_sampler` (batches of any size) is dealt in whole batches instead: its batches,
+drawn once, go round-robin to the ranks (batch k to rank k mod N), and each rank evaluates its own
+(`per_rank`, as a stream split per rank is: no padding at all, the sums added over the ranks at the end).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from ..errors import UserError
 def fixed_order(loader: DataLoader, what: str) -> DataLoader:
     """`loader` itself when it reads its whole map-style dataset in order without dropping; else the same
     loader over its sampler's one draw (see the module docstring)."""
-    if isinstance(loader.dataset, IterableDataset) or loader.batch_size is None:
+    if isinstance(loader.dataset, IterableDataset):
         return loader
+    if loader.batch_size is None:
+        return _dealt_batches(loader, what)
     if type(loader.sampler) is SequentialSampler and not loader.drop_last:
         return loader
     draw = [int(i) for i in loader.sampler]
@@ -46,7 +52,30 @@ def fixed_order(loader: DataLoader, what: str) -> DataLoader:
     )
 
 
-def _same_on_every_rank(draw: list[int], what: str) -> None:
+def _dealt_batches(loader: DataLoader, what: str) -> DataLoader:
+    from accelerate import PartialState
+
+    state = PartialState()
+    if loader.batch_sampler is None or state.num_processes == 1:
+        return loader
+    batches = [[int(i) for i in batch] for batch in loader.batch_sampler]
+    _same_on_every_rank(batches, what)
+    own = DataLoader(
+        loader.dataset,
+        batch_sampler=batches[state.process_index :: state.num_processes],
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        persistent_workers=loader.persistent_workers,
+        prefetch_factor=loader.prefetch_factor,
+    )
+    own.per_rank = True
+    return own
+
+
+def _same_on_every_rank(draw: list, what: str) -> None:
     from accelerate import PartialState
     from accelerate.utils import gather_object
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from accelerate import Accelerator
 from accelerate.utils import reduce
@@ -40,10 +42,18 @@ def _real_rows(accelerator: Accelerator, size: int) -> int:
 
 
 def _rows(value, count: int):
+    """The first `count` rows of a batch, of the model's inputs or of its outputs (a tensor, a dict or a
+    transformers `ModelOutput`, which keeps its type, a tuple)."""
     if value is None:
         return None
     if isinstance(value, dict):
-        return {k: _rows(v, count) for k, v in value.items()}
+        sliced = copy.copy(value)
+        for key, item in value.items():
+            sliced[key] = _rows(item, count)
+        return sliced
+    if isinstance(value, (tuple, list)):
+        items = [_rows(item, count) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     return value[:count] if isinstance(value, torch.Tensor) and value.ndim else value
 
 
@@ -71,13 +81,14 @@ def evaluate(
     """
     per_rank = getattr(loader, "per_rank", False)
     if per_rank:
-        # Each rank's own part of a split stream, of its own length: no collective per batch (DDP's buffer
-        # broadcast in forward) that a rank with fewer batches would leave waiting; the sums are added over
-        # the ranks once, at the end.
+        # Each rank's own part (of a split stream, or a batch_sampler's batches dealt whole), of its own length:
+        # no collective per batch (DDP's buffer broadcast in forward) that a rank with fewer batches would leave
+        # waiting; the sums are added over the ranks once, at the end.
         if "FSDP" in str(accelerator.distributed_type):
             raise UserError(
-                f"data: the {prefix} stream from {data_spec!r} is split per rank, and an FSDP model's forward is "
-                f"collective (every rank at every batch); yield the whole {prefix} stream on every rank instead."
+                f"data: the {prefix} set from {data_spec!r} is read per rank (a stream split per rank, or a batch_sampler), "
+                f"and an FSDP model's forward is collective (every rank at every batch); yield the whole {prefix} stream "
+                "on every rank, or give the loader a batch_size instead."
             )
         model = accelerator.unwrap_model(model)  # keeps mixed precision's autocast
     broadcast_buffers(accelerator, model)  # FSDP: every rank evaluates with rank 0's BatchNorm statistics, as under DDP
