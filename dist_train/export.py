@@ -110,6 +110,8 @@ def _ema_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The EMA weights of a run's final weights (`ema/`) or of a checkpoint (the registered EMA state)."""
     if (folder / "ema" / WEIGHTS_NAME).is_file() or (folder / "ema" / INDEX_NAME).is_file():
         return _read_safetensors(folder / "ema")
+    if (folder / "ema_fsdp").is_dir():  # FSDP2: the ranks' shards (components/ema.py), merged on one process
+        return _merged_dcp(folder / "ema_fsdp")
     for path in sorted(folder.glob("custom_checkpoint_*.pkl")):
         state = safe_torch_load(path)
         if isinstance(state, dict) and set(state) == {"updates", "weights"}:  # components/ema.py's state_dict
@@ -117,17 +119,22 @@ def _ema_weights(folder: Path) -> dict[str, torch.Tensor]:
     raise UserError(f"export --weights ema: {folder} holds no EMA weights (its run did not set ema_decay); export the raw weights.")
 
 
+def _merged_dcp(sharded: Path) -> dict[str, torch.Tensor]:
+    """A torch.distributed.checkpoint folder of one state dict, merged into whole tensors on this process."""
+    from accelerate.utils import merge_fsdp_weights
+
+    check_dcp_folder(sharded)  # merging unpickles its metadata: vet it first
+    with tempfile.TemporaryDirectory() as merged:
+        merge_fsdp_weights(str(sharded), merged, safe_serialization=True)
+        return load_file(str(Path(merged) / WEIGHTS_NAME))
+
+
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / INDEX_NAME).exists() or (folder / WEIGHTS_NAME).exists():
         return _read_safetensors(folder)
     sharded = folder / "pytorch_model_fsdp_0"
     if sharded.is_dir():  # FSDP SHARDED_STATE_DICT: torch.distributed.checkpoint, merged on one process
-        from accelerate.utils import merge_fsdp_weights
-
-        check_dcp_folder(sharded)  # merging unpickles its metadata: vet it first
-        with tempfile.TemporaryDirectory() as merged:
-            merge_fsdp_weights(str(sharded), merged, safe_serialization=True)
-            return load_file(str(Path(merged) / WEIGHTS_NAME))
+        return _merged_dcp(sharded)
     full = folder / "pytorch_model_fsdp.bin"
     if full.is_file():  # FSDP FULL_STATE_DICT: rank 0's torch.save of the whole model
         return safe_torch_load(full)

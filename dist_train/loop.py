@@ -165,7 +165,7 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
     accelerator.register_for_checkpointing(state)
     ema = EMA(cfg, model) if cfg.ema_decay is not None else None  # the EMA weights, per shard under FSDP (ema.py)
     if ema is not None:
-        accelerator.register_for_checkpointing(ema)  # after TrainState: its file index stays 0
+        ema.attach(accelerator)  # into every checkpoint (after TrainState: its file index stays 0)
     checkpointer = Checkpointer(cfg, accelerator, state, model, optimizer.accelerated, scheduler)
     teardown.callback(checkpointer.close)  # a background checkpoint write finishes on every exit
     # Before anything reads `state` (progress bar, profiler, the stop test). A mid-epoch position is restored

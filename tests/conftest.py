@@ -27,6 +27,7 @@ SLOW_FIXTURES = {"two_process_run", "overfit_runs", "reference@test_checkpoint",
 SLOW_TESTS = {
     # test_throughput: a 2-rank run; test_ema: kill and resume on 1 and 2 ranks
     "test_sigkill_then_resume_with_ema_is_bitwise_identical",
+    "test_ema_under_fsdp2_is_sharded_resumes_bitwise_and_reshards",
     "test_two_ranks_with_accumulation_report_per_device_and_global_figures",
     # test_launch: real launches
     "test_doctor_names_disagreeing_configs_and_a_node_count_mismatch",

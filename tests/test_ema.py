@@ -3,6 +3,7 @@ through a SIGKILL and a resume on 1 and 2 ranks, validated beside the raw weight
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -14,7 +15,17 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from dist_train.checkpoint.manifest import read_manifest
 from dist_train.errors import UserError
 from dist_train.export import export
-from helpers import assert_weights_equal, ids_model, run_cli, run_clis, seed_project_args, train_in_process, val_records, write_seed_project
+from helpers import (
+    FSDP_CPU_LAUNCH_CONFIG,
+    assert_weights_equal,
+    ids_model,
+    run_cli,
+    run_clis,
+    seed_project_args,
+    train_in_process,
+    val_records,
+    write_seed_project,
+)
 
 BATCHNORM_MODEL = textwrap.dedent("""
     import torch.nn as nn
@@ -88,11 +99,12 @@ EXACT = ("epochs=2", "batch_size=8", "grad_accum_steps=2", "checkpoint_every=3",
 KILL_AT_FORWARD = {1: 21, 2: 14}  # rank 0's 21st / 14th training forward: inside step 11 / 7; last save 9 / 6
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_sigkill_then_resume_with_ema_is_bitwise_identical(tmp_path, nproc):
+@pytest.mark.parametrize("nproc, saving", [(1, "async_checkpoint=false"), (2, "async_checkpoint=true")])
+def test_sigkill_then_resume_with_ema_is_bitwise_identical(tmp_path, nproc, saving):
+    """1 rank saving in line, 2 ranks in the background (the snapshot holds the EMA too)."""
     project = write_seed_project(tmp_path / "project", num_train=128, num_val=40, ids=True, files={"model.py": ids_model(dropout=0.25)})
     straight, out = tmp_path / "straight", tmp_path / "run"
-    args = lambda folder: seed_project_args(project, folder, "resume=auto", *EXACT)
+    args = lambda folder: seed_project_args(project, folder, "resume=auto", saving, *EXACT)
     _, killed = run_clis(
         {"args": args(straight), "nproc": nproc},
         {"args": args(out), "nproc": nproc, "env": {"KILL_AT_FORWARD": str(KILL_AT_FORWARD[nproc])}},
@@ -105,3 +117,36 @@ def test_sigkill_then_resume_with_ema_is_bitwise_identical(tmp_path, nproc):
     assert_weights_equal(out / "ema", straight / "ema")
     assert [r["val_loss_ema"] for r in val_records(out)] == [r["val_loss_ema"] for r in val_records(straight)]
     assert Path(out / "ema" / "model.safetensors").is_file()
+
+
+def test_ema_under_fsdp2_is_sharded_resumes_bitwise_and_reshards(tmp_path):
+    """FSDP2 on 2 gloo ranks: the EMA is kept per shard (saved by each rank, ema_fsdp/), equals the 1-process
+    EMA to 1e-5 (the reduce-scatter sums in another order), continues bitwise after a SIGKILL, and a
+    checkpoint resumed on 1 rank reshards it."""
+    project = write_seed_project(tmp_path / "project", num_train=96, num_val=23, ids=True, files={"model.py": ids_model()})
+    common = ("epochs=2", "batch_size=8", "optimizer=sgd", "lr=0.1", "checkpoint_every=3", "keep_last=null", "seed=3", *EMA)
+    args = lambda folder, *extra: seed_project_args(project, folder, "resume=auto", *common, *extra)
+    one, straight, killed = tmp_path / "one", tmp_path / "straight", tmp_path / "killed"
+    results = run_clis(
+        {"args": args(one, "batch_size=16")},
+        {"args": args(straight), "nproc": 2, "launch_config": FSDP_CPU_LAUNCH_CONFIG},
+        {"args": args(killed), "nproc": 2, "launch_config": FSDP_CPU_LAUNCH_CONFIG, "env": {"KILL_AT_FORWARD": "5"}},
+        check=False,
+    )
+    assert [r.returncode for r in results][:2] == [0, 0], results[1].stderr[-4000:]
+    assert results[2].returncode != 0
+    checkpoint = straight / "checkpoints" / "step_00000003"
+    assert sorted(p.name for p in (checkpoint / "ema_fsdp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not list(checkpoint.glob("custom_checkpoint_1.pkl"))  # not a whole copy on the main process
+    resized = tmp_path / "two_to_one"
+    shutil.copytree(checkpoint, resized / "checkpoints" / checkpoint.name)
+    run_clis(
+        {"args": args(killed), "nproc": 2, "launch_config": FSDP_CPU_LAUNCH_CONFIG},
+        {"args": args(resized, "batch_size=16"), "nproc": 1, "launch_config": FSDP_CPU_LAUNCH_CONFIG},
+    )
+    assert_weights_equal(killed, straight)
+    assert_weights_equal(killed / "ema", straight / "ema")
+    for run in (straight, resized):
+        assert_weights_equal(run / "ema", one / "ema", exact=False, rtol=1e-5, atol=1e-5)
+    exported = export(checkpoint, tmp_path / "exported", ema=True)  # the shards merged on one process
+    assert load_file(str(exported / "model.safetensors")).keys() == load_file(str(one / "ema" / "model.safetensors")).keys()

@@ -26,8 +26,7 @@ import torch
 from accelerate.utils import gather_object
 from accelerate.utils import save as accelerate_save
 
-from ..accelerate_internals import micro_step
-from ..state import TrainState
+from ..accelerate_internals import micro_step, registered_objects
 
 DATA_STATE = "data_state.pt"  # a stream's position (its source's state_dict), only in a mid-epoch checkpoint
 PER_RANK = "dist_train.per_rank"  # data_state.pt of a stream split per rank: {PER_RANK: [rank 0's position, ...]}
@@ -67,7 +66,7 @@ def rng_state(step: int) -> dict:
     return states
 
 
-def take_snapshot(accelerator, model, optimizer, scheduler, state: TrainState, copier: HostCopier) -> dict:
+def take_snapshot(accelerator, model, optimizer, scheduler, copier: HostCopier) -> dict:
     """Everything a checkpoint holds, as of now (all ranks call it; only the main process keeps a copy)."""
     rngs = gather_object([rng_state(micro_step(accelerator))])
     if not accelerator.is_main_process:
@@ -77,7 +76,8 @@ def take_snapshot(accelerator, model, optimizer, scheduler, state: TrainState, c
         "model": copier(weights, ("model",)),
         "optimizer": copier(optimizer.state_dict(), ("optimizer",)),
         "scheduler": copy.deepcopy(scheduler.state_dict()),
-        "custom": copy.deepcopy(state.state_dict()),
+        # Every registered object (TrainState first, then e.g. the EMA weights), as save_state writes them.
+        "custom": [copier(obj.state_dict(), ("custom", i)) for i, obj in enumerate(registered_objects(accelerator))],
         "rng": rngs,
     }
     if accelerator.scaler is not None:
@@ -96,7 +96,8 @@ def write_snapshot(snapshot: dict, folder: Path) -> None:
         torch.save(snapshot["scaler"], folder / "scaler.pt")
     for rank, states in enumerate(snapshot["rng"]):
         torch.save(states, folder / f"random_states_{rank}.pkl")
-    accelerate_save(snapshot["custom"], folder / "custom_checkpoint_0.pkl")
+    for index, custom in enumerate(snapshot["custom"]):
+        accelerate_save(custom, folder / f"custom_checkpoint_{index}.pkl")
     if snapshot.get("data_state") is not None:
         torch.save(snapshot["data_state"], folder / DATA_STATE)
 

@@ -148,7 +148,7 @@ class Checkpointer(Resuming):
     # ---- asynchronous saves ------------------------------------------------------------------------
     def _save_in_background(self, record: dict | None, final: Path, tmp: Path) -> None:
         self.wait()  # at most one save in flight: the previous one is complete (or failed, for all ranks) first
-        snapshot = take_snapshot(self.accelerator, *self._live, self.state, self._copier)
+        snapshot = take_snapshot(self.accelerator, *self._live, self._copier)
         description = self._describe(record)
         snapshot["data_state"] = self._data_state()
         self._last_saved = (self.state.optimizer_step, self.state.state_dict())

@@ -13,18 +13,35 @@ averaged like the parameters, other buffers copied, as `AveragedModel(use_buffer
   `ExponentialMovingAverage(num_updates=...)` and timm's rule, for the same reason.
 - `ema_every`: update every N optimizer steps (cheaper on a large model; the decay is per update).
 
-The averages and the update count are registered for checkpointing, keyed as in the user's model, so a
-resume continues bitwise and a checkpoint's EMA weights can be exported without the run.
+The averages and the update count go into every checkpoint, keyed as in the user's model, so a resume
+continues bitwise and a checkpoint's EMA weights can be exported without the run: registered with the
+Accelerator (`custom_checkpoint_N.pkl`, loaded with weights_only) where the weights are whole on every
+rank; under FSDP2, where each rank holds shards, each rank writes its own through
+torch.distributed.checkpoint (`ema_fsdp/`, beside the model's shards, in Accelerate's save/load hooks),
+so nothing is gathered and a resume on another world size reshards them as it does the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from ..config import Config
+
+SHARDED_FOLDER = "ema_fsdp"  # in a checkpoint: the EMA's shards (torch.distributed.checkpoint), under FSDP2
+SHARDED_STATE = "ema_state.json"  # beside it: the update count
+
+
+def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each rank's own part: a DTensor's local shard (DTensor has no sharding rule for every foreach op; the
+    update is elementwise, so the shards are all there is to it), a plain tensor as it is."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 def _named_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -44,6 +61,9 @@ class EMA:
         self.names = [name for name, _ in named]
         self._live = [tensor for _, tensor in named]
         self._averaged = [t.is_floating_point() for t in self._live]
+        # FSDP2 keeps the root module's gathered parameters between forwards without a backward (validation);
+        # swapping the shards underneath must drop them, or the next forward would use the other weights.
+        self._fsdp_units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         with torch.no_grad():
             self.weights = [t.detach().clone() for t in self._live]
         self.updates = 0
@@ -59,15 +79,16 @@ class EMA:
         skipped as non-finite or by the fp16 scaler)."""
         if not stepped:
             return
+        weights, live = _local(self.weights), _local(self._live)
         if optimizer_step <= self.start_step:
-            torch._foreach_copy_(self.weights, self._live)
+            torch._foreach_copy_(weights, live)
             return
         if optimizer_step % self.every:
             return
-        averaged = [(e, w) for e, w, a in zip(self.weights, self._live, self._averaged) if a]
+        averaged = [(e, w) for e, w, a in zip(weights, live, self._averaged) if a]
         update = get_ema_multi_avg_fn(self.current_decay())
         update([e for e, _ in averaged], [w for _, w in averaged], None)
-        for e, w, a in zip(self.weights, self._live, self._averaged):
+        for e, w, a in zip(weights, live, self._averaged):
             if not a:
                 e.copy_(w)
         self.updates += 1
@@ -75,16 +96,48 @@ class EMA:
     @contextlib.contextmanager
     def applied(self):
         """The model holds the EMA weights inside the block (to evaluate or save them), its own weights after."""
+        live = _local(self._live)
         with torch.no_grad():
-            kept = [t.detach().clone() for t in self._live]
-            torch._foreach_copy_(self._live, self.weights)
+            kept = [t.detach().clone() for t in live]
+            torch._foreach_copy_(live, _local(self.weights))
+        self._reshard()
         try:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(self._live, kept)
+                torch._foreach_copy_(live, kept)
+            self._reshard()
 
-    # ---- checkpointing (registered with the Accelerator) ---------------------------------------------
+    def _reshard(self) -> None:
+        for unit in self._fsdp_units:
+            unit.reshard()
+
+    # ---- checkpointing ----------------------------------------------------------------------------------
+    def attach(self, accelerator) -> None:
+        """Into every checkpoint `accelerator.save_state` writes, and out of every one it loads."""
+        if not any(isinstance(t, DTensor) for t in self.weights):
+            accelerator.register_for_checkpointing(self)
+            return
+        accelerator.register_save_state_pre_hook(lambda models, weights, folder: self.save_shards(Path(folder), accelerator))
+        accelerator.register_load_state_pre_hook(lambda models, folder: self.load_shards(Path(folder)))
+
+    def save_shards(self, folder: Path, accelerator) -> None:
+        """Every rank: its shards into `folder/ema_fsdp/` (no gather); the main process the update count."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"ema": dict(zip(self.names, self.weights))}, checkpoint_id=str(folder / SHARDED_FOLDER))
+        if accelerator.is_main_process:
+            (folder / SHARDED_STATE).write_text(json.dumps({"updates": self.updates}))
+
+    def load_shards(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        if not (folder / SHARDED_FOLDER).is_dir():
+            raise ValueError(f"Missing key: {folder} holds no EMA shards ({SHARDED_FOLDER}/)")  # a misfit, said as one line
+        state = {"ema": dict(zip(self.names, self.weights))}
+        dcp.load(state, checkpoint_id=str(folder / SHARDED_FOLDER))  # into these tensors, resharded to this world size
+        self.updates = int(json.loads((folder / SHARDED_STATE).read_text())["updates"])
+
     def state_dict(self) -> dict:
         return {"updates": self.updates, "weights": dict(zip(self.names, self.weights))}
 
