@@ -142,7 +142,7 @@ class Config:
     keep_last: Optional[int] = _opt(None, "Keep only the newest K checkpoints (null: keep all).", minimum=1)
     async_checkpoint: bool = _opt(
         False,
-        "Write checkpoints in the background from an in-memory snapshot taken at the step boundary (one extra host copy of the model and optimizer state; not with FSDP/DeepSpeed).",
+        "Write checkpoints in the background from an in-memory snapshot taken at the step boundary (one extra host copy of the model and optimizer state; under FSDP2 each rank copies and writes its own shards; not with FSDP1/DeepSpeed).",
     )
     keep_best: bool = _opt(False, "Also keep the checkpoint with the best `monitor`, never pruned.")
     resume: str = _opt("auto", "`auto` (newest complete checkpoint in output_dir, if any), `never`, or a checkpoint path.")

@@ -11,7 +11,9 @@ ranks) are made at once, in two waves:
   with `resume: auto`;
 - batchnorm: 2 ranks, fp32, BatchNorm (its statistics differ per rank under FSDP2); batchnorm_resumed: its
   mid-epoch checkpoint finished (BatchNorm in bf16 does not run on CPU: torch's CPU kernel wants one dtype);
-- resized: `two`'s mid-epoch checkpoint finished on 1 and on 3 ranks, `one`'s on 2.
+- resized: `two`'s mid-epoch checkpoint finished on 1 and on 3 ranks, `one`'s on 2;
+- checkpointing_offload: activation checkpointing and CPU offload, 3 steps; async: `async_checkpoint: true`;
+  corrupt: async's checkpoints of steps 6 and 9, one byte of rank 1's shard of step 9 flipped, resumed.
 """
 
 from __future__ import annotations
@@ -158,15 +160,16 @@ def runs(project, tmp_path_factory) -> dict:
         _call(project, root, "killed", 2, *FEATURES, model_args=FEATURE_MODEL, env={"KILL_AT_FORWARD": "5"}),
         _call(project, root, "batchnorm", 2, "batch_size=8", *ADAMW, model_args=BATCHNORM_MODEL),
         _call(project, root, "checkpointing_offload", 2, "batch_size=8", "max_steps=3", launch="fsdp_checkpointing_offload.yaml"),
+        _call(project, root, "async", 2, "batch_size=8", "async_checkpoint=true"),
         check=False,
     )
     for result in first[:4] + first[5:]:
         assert result.returncode == 0, result.stderr[-6000:]
     assert first[4].returncode != 0, "the killed run was not killed"
     _continue_from(root / "batchnorm", 3, root / "batchnorm_resumed")
-    # two's checkpoints of steps 6 and 9, the newer with one byte of rank 1's model shard flipped (same size).
-    _continue_from(root / "two", 6, root / "corrupt")
-    _continue_from(root / "two", 9, root / "corrupt")
+    # The async run's checkpoints of steps 6 and 9, the newer with one byte of rank 1's model shard flipped.
+    _continue_from(root / "async", 6, root / "corrupt")
+    _continue_from(root / "async", 9, root / "corrupt")
     shard = root / "corrupt" / "checkpoints" / "step_00000009" / "pytorch_model_fsdp_0" / "__1_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -302,10 +305,13 @@ def test_resume_on_another_world_size_sees_each_sample_once_per_epoch(runs, name
 
 
 def test_each_rank_hashes_its_shards_and_a_corrupt_one_of_rank_1_is_skipped(runs):
-    """The manifest's digest of each shard comes from the rank that wrote it; on resume the ranks verify their
-    shares, rank 1 finds its flipped byte, and `resume: auto` takes the previous checkpoint."""
+    """The manifest's digest of each shard comes from the rank that wrote it (synchronous and asynchronous saves);
+    on resume the ranks verify their shares, rank 1 finds its flipped byte, and `resume: auto` takes the previous
+    checkpoint. The asynchronous run (each rank's shards written by a thread of its own) is the synchronous one,
+    bitwise, and so is the run resumed from its checkpoint."""
     root = runs["root"]
-    for name, world in [("two", 2), ("two_to_three", 3), ("one", 1)]:
+    assert_weights_equal(root / "async", root / "two")
+    for name, world in [("two", 2), ("two_to_three", 3), ("one", 1), ("async", 2)]:
         checkpoint = sorted((root / name / "checkpoints").glob("step_*"))[-1]
         files = json.loads((checkpoint / "manifest.json").read_text())["files"]
         for part in ("pytorch_model_fsdp_0", "optimizer_0"):
@@ -318,7 +324,7 @@ def test_each_rank_hashes_its_shards_and_a_corrupt_one_of_rank_1_is_skipped(runs
         and "step_00000009/pytorch_model_fsdp_0/__1_0.distcp does not match" in result.stderr
     )
     assert "resumed from" in result.stdout and "step_00000006 at optimizer step 6" in result.stdout
-    assert_weights_equal(root / "corrupt", root / "two")  # the same run, from step 6
+    assert_weights_equal(root / "corrupt", root / "two")  # the same run, from the async run's step 6
 
 
 def test_export_gathers_one_safetensors_that_load_model_loads_without_a_launcher(project, runs, tmp_path):

@@ -9,8 +9,8 @@ promise of a synchronous save: until the rename the checkpoint is a `.tmp-step_N
 never reads.
 
 Memory: one extra copy of the model and optimizer state on the host, at most: a second save waits for
-the write in flight before it snapshots again. Not for FSDP/DeepSpeed, whose state is sharded or owned
-by the engine (`manager.py` refuses that combination at start).
+the write in flight before it snapshots again. Under FSDP2 every rank snapshots and writes its own shards
+instead (sharded_save.py); DeepSpeed, FSDP1 and a full FSDP state dict are refused at start (manager.py).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ its checks are resume.py's `Resuming`, which `Checkpointer` inherits.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import time
@@ -30,10 +31,11 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather_object
+from accelerate.utils import save as accelerate_save
 from safetensors import SafetensorError
 
 from .._version import __version__
-from ..accelerate_internals import PLAIN_BACKENDS
+from ..accelerate_internals import PLAIN_BACKENDS, micro_step
 from ..config import Config
 from ..errors import UserError
 from ..state import TrainState
@@ -41,6 +43,7 @@ from .async_save import DATA_STATE, PER_RANK, BackgroundWriter, HostCopier, take
 from .manifest import InvalidCheckpoint, fsync_path, hash_files, owned_files, read_manifest, write_manifest
 from .resume import Resuming, _warn
 from .safe_load import load_unwrapped_weights
+from .sharded_save import gather_to_main, take_shards, write_shards
 
 PAUSE_ENV = "DIST_TRAIN_TEST_PAUSE_IN_SAVE"  # "STEP:MARKER": tests kill the process inside this save
 
@@ -66,11 +69,15 @@ class Checkpointer(Resuming):
         self._live = (model, optimizer, scheduler)  # what an asynchronous save snapshots
         self._writer = BackgroundWriter() if cfg.async_checkpoint else None
         self._copier = HostCopier()
-        if cfg.async_checkpoint and accelerator.distributed_type not in PLAIN_BACKENDS:
+        plugin = getattr(accelerator.state, "fsdp_plugin", None)
+        sharded = getattr(accelerator, "is_fsdp2", False) and getattr(plugin.state_dict_type, "name", "") == "SHARDED_STATE_DICT"
+        if cfg.async_checkpoint and not (accelerator.distributed_type in PLAIN_BACKENDS or sharded):
             raise UserError(
-                f"async_checkpoint: true is for one process and DDP; under {accelerator.distributed_type} the state is "
-                "sharded or owned by the engine. Set async_checkpoint: false."
+                f"async_checkpoint: true is for one process, DDP and FSDP2 with fsdp_state_dict_type: SHARDED_STATE_DICT; "
+                f"under {accelerator.distributed_type} (FSDP1, a full state dict, or an engine's own state) set async_checkpoint: false."
             )
+        # FSDP2: every rank writes its shards in a thread of its own, whose collectives need a group of their own.
+        self._group = torch.distributed.new_group(backend="gloo") if cfg.async_checkpoint and sharded else None
         self.root = Path(cfg.output_dir) / "checkpoints"
         self.enabled = cfg.checkpoints  # false (e.g. fast_dev_run): no trace left, nothing resumed
         self._last_saved: tuple | None = None
@@ -148,6 +155,8 @@ class Checkpointer(Resuming):
     # ---- asynchronous saves ------------------------------------------------------------------------
     def _save_in_background(self, record: dict | None, final: Path, tmp: Path) -> None:
         self.wait()  # at most one save in flight: the previous one is complete (or failed, for all ranks) first
+        if self._group is not None:
+            return self._save_shards_in_background(record, final, tmp)
         snapshot = take_snapshot(self.accelerator, *self._live, self._copier)
         description = self._describe(record)
         snapshot["data_state"] = self._data_state()
@@ -179,10 +188,77 @@ class Checkpointer(Resuming):
             _warn(f"checkpoint {final.name} is saved, but pruning older ones failed ({exc}); remove them by hand.")
         return None
 
+    def _save_shards_in_background(self, record: dict | None, final: Path, tmp: Path) -> None:
+        """FSDP2 (sharded_save.py): every rank snapshots its shards now and writes them in its own thread."""
+        acc, error = self.accelerator, None
+        if acc.is_main_process:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            except OSError as exc:
+                error = self._write_error(exc)
+        self._agree(error, tmp)
+        model, optimizer, scheduler = self._live
+        shards = take_shards(model, getattr(optimizer, "optimizer", optimizer), micro_step(acc), self._copier)
+        description, data_state, main_part = self._describe(record), self._data_state(), None
+        if acc.is_main_process:
+            main_part = {"scheduler": copy.deepcopy(scheduler.state_dict()), "custom": copy.deepcopy(self.state.state_dict())}
+            main_part["data_state"] = data_state
+            if acc.scaler is not None:
+                main_part["scaler"] = copy.deepcopy(acc.scaler.state_dict())
+        self._last_saved = (self.state.optimizer_step, self.state.state_dict())
+        self._writer.start(lambda: self._write_shards_in_background(shards, main_part, description, final, tmp))
+
+    def _write_shards_in_background(self, shards: dict, main_part: dict | None, description: dict, final: Path, tmp: Path) -> str | None:
+        """Every rank's writer thread: its files, hashed and fsynced; then the main process's manifest, rename, prune.
+
+        Every rank reaches the gather whatever happened before it (a rank that stayed away would leave the
+        others waiting), so any failure becomes an error message, returned by every rank's `wait`."""
+        acc, rank = self.accelerator, self.accelerator.process_index
+        digests, error = {}, None
+        try:
+            self._pause_for_tests(description["step"], "files")
+            write_shards(shards, tmp, rank, self._group)
+            if main_part is not None:
+                accelerate_save(main_part["scheduler"], tmp / "scheduler.bin")
+                accelerate_save(main_part["custom"], tmp / "custom_checkpoint_0.pkl")
+                if "scaler" in main_part:
+                    torch.save(main_part["scaler"], tmp / "scaler.pt")
+                if main_part["data_state"] is not None:
+                    torch.save(main_part["data_state"], tmp / DATA_STATE)
+                (tmp / "config.yaml").write_text(self.cfg.to_yaml())
+            digests = {name: {**entry, "rank": rank} for name, entry in hash_files(tmp, owned_files(tmp, rank)).items()}
+        except Exception as exc:
+            if not _is_write_failure(exc):
+                traceback.print_exc()  # not a full disk: a bug, whose traceback must not be lost
+            error = self._write_error(exc)
+        gathered = gather_to_main((digests, error), self._group, acc.is_main_process, acc.num_processes)
+        if not acc.is_main_process:
+            return error
+        errors = [e for _, e in gathered if e]
+        if errors:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return errors[0]
+        try:
+            self._pause_for_tests(description["step"])
+            write_manifest(tmp, description, {name: entry for part, _ in gathered for name, entry in part.items()})
+            self._pause_for_tests(description["step"], "rename")
+            self._publish(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return self._write_error(exc)
+        try:
+            self._prune(keep=final)
+        except OSError as exc:  # the new checkpoint is complete: a failed clean-up costs only disk space
+            _warn(f"checkpoint {final.name} is saved, but pruning older ones failed ({exc}); remove them by hand.")
+        return None
+
     def wait(self) -> None:
         """All ranks: block until the background write (if any) is complete; a failed one stops every rank."""
         if self._writer is not None:
-            self._agree(self._writer.wait() if self.accelerator.is_main_process else None, None)
+            writes = self.accelerator.is_main_process or self._group is not None  # FSDP2: every rank writes
+            self._agree(self._writer.wait() if writes else None, None)
 
     def close(self) -> None:
         """On any exit: let a background write finish (a complete checkpoint is worth the wait); no collective."""
