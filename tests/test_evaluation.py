@@ -24,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dist_train.checkpoint import read_manifest
 from dist_train.config import load_config
 from dist_train.errors import UserError
 from helpers import cli_command, import_file, load_weights, read_metrics, run_cli, run_clis
@@ -127,6 +128,9 @@ lr: 0.0
 batch_size: 8
 progress: false
 resume: never
+monitor: val_f1
+monitor_mode: max
+keep_best: true
 metrics:
   - accuracy
   - top2_accuracy
@@ -213,6 +217,9 @@ def test_every_metric_on_1_2_3_ranks_is_the_whole_set_metric_in_float64(runs):
         assert final["num_processes"] == n
         for name in ("val", "stream", "sampled", "soft", "bucketed"):
             _assert_equal(final, expected[name])
+        # keep_best ranks the checkpoints by the torchmetrics F1 the validation logged
+        (checkpoint,) = (out / "checkpoints").glob("step_*")
+        assert read_manifest(checkpoint)["monitor"] == {"name": "val_f1", "mode": "max", "value": final["val_f1"]}
         # soft has its own interval: every 2 optimizer steps, alone, and at the last step with the rest
         alone = [r["step"] for r in records if "soft_loss" in r and "val_loss" not in r]
         steps = final["step"]

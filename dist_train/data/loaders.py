@@ -333,7 +333,10 @@ def prepare_loaders(accelerator, *objects) -> list:
     from accelerate.data_loader import prepare_data_loader
 
     shared = [obj for obj in objects if not getattr(obj, "per_rank", False)]
-    prepared = iter(accelerator.prepare(*shared) if len(shared) > 1 else [accelerator.prepare(*shared)])
+    if len(shared) > 1:
+        prepared = iter(accelerator.prepare(*shared))
+    else:  # `prepare` returns one object bare, and refuses none
+        prepared = iter([accelerator.prepare(*shared)] if shared else [])
     result = []
     for obj in objects:
         if not getattr(obj, "per_rank", False):

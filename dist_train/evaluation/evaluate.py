@@ -96,7 +96,8 @@ def evaluate(
     model.eval()
     if metrics is not None:
         metrics.reset()
-    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # loss sum, hits, samples
+    # loss sum, hits, samples, and whether it is a classification (a rank without a batch cannot tell alone)
+    totals = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
     classification = None
     for batch_index, batch in enumerate(loader):
         if max_batches is not None and batch_index >= max_batches:
@@ -119,6 +120,7 @@ def evaluate(
                 per_sample = mean.expand(size)
         if classification is None:
             classification = _is_classification(loss, outputs, targets)
+            totals[3] = float(classification)
         if kept == 0:
             continue
         totals[0] += per_sample[:kept].double().sum()
@@ -134,7 +136,7 @@ def evaluate(
         sums = reduce(sums, reduction="sum")
     if was_training:
         model.train()
-    loss_sum, hits, count = sums[:3].tolist()
+    loss_sum, hits, count, classification = sums[:4].tolist()
     num_samples = int(count)
     if num_samples == 0:
         raise UserError(
@@ -145,6 +147,6 @@ def evaluate(
     if classification:
         result[f"{prefix}_accuracy"] = hits / num_samples
     if metrics is not None:
-        values = metrics.result(sums[3:].reshape(-1, 2), prefix)
+        values = metrics.result(sums[4:].reshape(-1, 2), prefix)
         result.update({k: v for k, v in values.items() if k not in result})
     return result
