@@ -111,7 +111,12 @@ def _ema_weights(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / "ema" / WEIGHTS_NAME).is_file() or (folder / "ema" / INDEX_NAME).is_file():
         return _read_safetensors(folder / "ema")
     if (folder / "ema_fsdp").is_dir():  # FSDP2: the ranks' shards (components/ema.py), merged on one process
-        return _merged_dcp(folder / "ema_fsdp")
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        check_dcp_folder(folder / "ema_fsdp")  # merging unpickles its metadata: vet it first
+        with tempfile.TemporaryDirectory() as merged:
+            dcp_to_torch_save(str(folder / "ema_fsdp"), str(Path(merged) / "ema.pt"))
+            return dict(safe_torch_load(Path(merged) / "ema.pt")["ema"])
     for path in sorted(folder.glob("custom_checkpoint_*.pkl")):
         state = safe_torch_load(path)
         if isinstance(state, dict) and set(state) == {"updates", "weights"}:  # components/ema.py's state_dict

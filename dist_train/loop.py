@@ -164,10 +164,10 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
     scheduler = accelerator.prepare(build_scheduler(cfg, optimizer.stepped, total_steps))
     accelerator.register_for_checkpointing(state)
     ema = EMA(cfg, model) if cfg.ema_decay is not None else None  # the EMA weights, per shard under FSDP (ema.py)
-    if ema is not None:
-        ema.attach(accelerator)  # into every checkpoint (after TrainState: its file index stays 0)
     checkpointer = Checkpointer(cfg, accelerator, state, model, optimizer.accelerated, scheduler)
     teardown.callback(checkpointer.close)  # a background checkpoint write finishes on every exit
+    if ema is not None:
+        ema.attach(accelerator, checkpointer)  # into every checkpoint: registered, or in shards under FSDP2
     # Before anything reads `state` (progress bar, profiler, the stop test). A mid-epoch position is restored
     # exactly or refused (never an epoch silently started again): the order's offset, or the stream's position.
     checkpointer.resume(sampler)

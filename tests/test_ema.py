@@ -121,8 +121,8 @@ def test_sigkill_then_resume_with_ema_is_bitwise_identical(tmp_path, nproc, savi
 
 def test_ema_under_fsdp2_is_sharded_resumes_bitwise_and_reshards(tmp_path):
     """FSDP2 on 2 gloo ranks: the EMA is kept per shard (saved by each rank, ema_fsdp/), equals the 1-process
-    EMA to 1e-5 (the reduce-scatter sums in another order), continues bitwise after a SIGKILL, and a
-    checkpoint resumed on 1 rank reshards it."""
+    EMA to 1e-5 (the reduce-scatter sums in another order), continues bitwise after a SIGKILL (the killed run
+    saves in the background, each rank its shards), and a checkpoint resumed on 1 rank reshards it."""
     project = write_seed_project(tmp_path / "project", num_train=96, num_val=23, ids=True, files={"model.py": ids_model()})
     common = ("epochs=2", "batch_size=8", "optimizer=sgd", "lr=0.1", "checkpoint_every=3", "keep_last=null", "seed=3", *EMA)
     args = lambda folder, *extra: seed_project_args(project, folder, "resume=auto", *common, *extra)
@@ -130,7 +130,12 @@ def test_ema_under_fsdp2_is_sharded_resumes_bitwise_and_reshards(tmp_path):
     results = run_clis(
         {"args": args(one, "batch_size=16")},
         {"args": args(straight), "nproc": 2, "launch_config": FSDP_CPU_LAUNCH_CONFIG},
-        {"args": args(killed), "nproc": 2, "launch_config": FSDP_CPU_LAUNCH_CONFIG, "env": {"KILL_AT_FORWARD": "5"}},
+        {
+            "args": args(killed, "async_checkpoint=true"),
+            "nproc": 2,
+            "launch_config": FSDP_CPU_LAUNCH_CONFIG,
+            "env": {"KILL_AT_FORWARD": "5"},
+        },
         check=False,
     )
     assert [r.returncode for r in results][:2] == [0, 0], results[1].stderr[-4000:]
@@ -141,7 +146,7 @@ def test_ema_under_fsdp2_is_sharded_resumes_bitwise_and_reshards(tmp_path):
     resized = tmp_path / "two_to_one"
     shutil.copytree(checkpoint, resized / "checkpoints" / checkpoint.name)
     run_clis(
-        {"args": args(killed), "nproc": 2, "launch_config": FSDP_CPU_LAUNCH_CONFIG},
+        {"args": args(killed, "async_checkpoint=true"), "nproc": 2, "launch_config": FSDP_CPU_LAUNCH_CONFIG},
         {"args": args(resized, "batch_size=16"), "nproc": 1, "launch_config": FSDP_CPU_LAUNCH_CONFIG},
     )
     assert_weights_equal(killed, straight)

@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from accelerate.utils import gather_object
 from accelerate.utils import save as accelerate_save
 from safetensors import SafetensorError
@@ -43,7 +44,7 @@ from .async_save import DATA_STATE, PER_RANK, BackgroundWriter, HostCopier, take
 from .manifest import InvalidCheckpoint, fsync_path, hash_files, owned_files, read_manifest, write_manifest
 from .resume import Resuming, _warn
 from .safe_load import load_unwrapped_weights
-from .sharded_save import gather_to_main, take_shards, write_shards
+from .sharded_save import copy_shards, gather_to_main, take_shards, write_shards
 
 PAUSE_ENV = "DIST_TRAIN_TEST_PAUSE_IN_SAVE"  # "STEP:MARKER": tests kill the process inside this save
 
@@ -82,9 +83,16 @@ class Checkpointer(Resuming):
         self.enabled = cfg.checkpoints  # false (e.g. fast_dev_run): no trace left, nothing resumed
         self._last_saved: tuple | None = None
         self.before_save: list = []  # callables run on every rank before a save puts `state` into it
+        self._sharded: dict[str, tuple] = {}  # folder -> (state_dict, after_load): states kept in shards (add_sharded)
         self._position = None  # the training data's position (data.py's EpochSampler or StreamBatches), from resume
         accelerator.register_save_state_pre_hook(self._save_unwrapped_weights)
         accelerator.register_load_state_pre_hook(lambda models, input_dir: load_unwrapped_weights(accelerator, models, input_dir))
+
+    def add_sharded(self, folder: str, state_dict, after_load) -> None:
+        """A state every rank holds a shard of (DTensors, e.g. the EMA weights under FSDP2), saved beside the model's
+        shards in `folder` through torch.distributed.checkpoint (no gather; resharded on another world size).
+        `state_dict()` gives the live tensors, which a resume loads in place; then `after_load(state)`."""
+        self._sharded[folder] = (state_dict, after_load)
 
     # ---- when ----------------------------------------------------------------------------------
     def save_if_due(self, *, epoch_ended: bool, last_step: bool, record: dict | None = None) -> None:
@@ -126,6 +134,8 @@ class Checkpointer(Resuming):
         data_state = self._data_state()  # on every rank: a per-rank stream's positions are gathered
         try:
             acc.save_state(str(tmp), safe_serialization=True)  # every rank writes its own RNG file
+            for name, (state_dict, _) in self._sharded.items():  # every rank its own shards (e.g. the EMA under FSDP2)
+                dcp.save(state_dict(), checkpoint_id=str(tmp / name))
             if acc.is_main_process:
                 (tmp / "config.yaml").write_text(self.cfg.to_yaml())
                 if data_state is not None:
@@ -201,6 +211,7 @@ class Checkpointer(Resuming):
         self._agree(error, tmp)
         model, optimizer, scheduler = self._live
         shards = take_shards(model, getattr(optimizer, "optimizer", optimizer), micro_step(acc), self._copier)
+        shards["extra"] = {name: copy_shards(state_dict(), self._copier, (name,)) for name, (state_dict, _) in self._sharded.items()}
         description, data_state, main_part = self._describe(record), self._data_state(), None
         if acc.is_main_process:
             main_part = {"scheduler": copy.deepcopy(scheduler.state_dict()), "custom": copy.deepcopy(self.state.state_dict())}

@@ -17,6 +17,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import torch.distributed.checkpoint as dcp
 import yaml
 from accelerate.utils import broadcast_object_list, gather_object
 
@@ -207,6 +208,14 @@ class Resuming:
         try:
             with safe_custom_state_loader(safe_torch_load):
                 acc.load_state(str(path))
+            for name, (state_dict, after_load) in self._sharded.items():
+                if not (path / name).is_dir():
+                    raise UserError(
+                        f"checkpoint {path} holds no {name}/ (the shards this run keeps there); resume from a checkpoint of this run."
+                    )
+                state = state_dict()
+                dcp.load(state, checkpoint_id=str(path / name))  # into the live tensors, resharded to this world size
+                after_load(state)
         except (UserError, pickle.UnpicklingError) as exc:
             raise (
                 exc

@@ -27,15 +27,15 @@ from .async_save import HostCopier, rng_state
 MODEL_DIR, OPTIMIZER_DIR = "pytorch_model_fsdp_0", "optimizer_0"  # Accelerate's names (fsdp_utils.save_fsdp_*)
 
 
-def _copy(value, copier: HostCopier, key: tuple):
+def copy_shards(value, copier: HostCopier, key: tuple):
     """`value` with every tensor copied off the live state (a DTensor keeps its sharding, its local shard copied)."""
     if isinstance(value, DTensor):
         local = copier(value.to_local(), key)
         return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride())
     if isinstance(value, dict):
-        return {k: _copy(v, copier, (*key, k)) for k, v in value.items()}
+        return {k: copy_shards(v, copier, (*key, k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_copy(v, copier, (*key, i)) for i, v in enumerate(value))
+        return type(value)(copy_shards(v, copier, (*key, i)) for i, v in enumerate(value))
     return copier(value, key)
 
 
@@ -43,8 +43,8 @@ def take_shards(model, optimizer, step: int, copier: HostCopier) -> dict:
     """This rank's shards of the model and optimizer state and its RNG states, as of now (every rank)."""
     options = StateDictOptions(full_state_dict=False, cpu_offload=True)  # what Accelerate's sharded save asks for
     shards = {
-        "model": _copy(get_model_state_dict(model, options=options), copier, ("model",)),
-        "optimizer": _copy(get_optimizer_state_dict(model, optimizer, options=options), copier, ("optimizer",)),
+        "model": copy_shards(get_model_state_dict(model, options=options), copier, ("model",)),
+        "optimizer": copy_shards(get_optimizer_state_dict(model, optimizer, options=options), copier, ("optimizer",)),
         "rng": rng_state(step),
     }
     if torch.cuda.is_available():
@@ -61,6 +61,8 @@ def write_shards(shards: dict, folder, rank: int, group) -> None:
             planner=DefaultSavePlanner(),
             process_group=group,
         )
+    for name, state in shards.get("extra", {}).items():  # Checkpointer.add_sharded's states, e.g. the EMA
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder / name)), planner=DefaultSavePlanner(), process_group=group)
     torch.save(shards["rng"], folder / f"random_states_{rank}.pkl")
 
 

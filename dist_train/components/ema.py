@@ -24,8 +24,6 @@ so nothing is gathered and a resume on another world size reshards them as it do
 from __future__ import annotations
 
 import contextlib
-import json
-from pathlib import Path
 
 import torch
 from torch.distributed.fsdp import FSDPModule
@@ -35,7 +33,6 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from ..config import Config
 
 SHARDED_FOLDER = "ema_fsdp"  # in a checkpoint: the EMA's shards (torch.distributed.checkpoint), under FSDP2
-SHARDED_STATE = "ema_state.json"  # beside it: the update count
 
 
 def _local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -113,30 +110,18 @@ class EMA:
             unit.reshard()
 
     # ---- checkpointing ----------------------------------------------------------------------------------
-    def attach(self, accelerator) -> None:
-        """Into every checkpoint `accelerator.save_state` writes, and out of every one it loads."""
-        if not any(isinstance(t, DTensor) for t in self.weights):
-            accelerator.register_for_checkpointing(self)
-            return
-        accelerator.register_save_state_pre_hook(lambda models, weights, folder: self.save_shards(Path(folder), accelerator))
-        accelerator.register_load_state_pre_hook(lambda models, folder: self.load_shards(Path(folder)))
+    def attach(self, accelerator, checkpointer) -> None:
+        """Into every checkpoint, and out of the one a resume loads."""
+        if any(isinstance(t, DTensor) for t in self.weights):
+            checkpointer.add_sharded(SHARDED_FOLDER, self._sharded_state, self._after_load)
+        else:
+            accelerator.register_for_checkpointing(self)  # after TrainState: its file index stays 0
 
-    def save_shards(self, folder: Path, accelerator) -> None:
-        """Every rank: its shards into `folder/ema_fsdp/` (no gather); the main process the update count."""
-        import torch.distributed.checkpoint as dcp
+    def _sharded_state(self) -> dict:
+        return {"ema": dict(zip(self.names, self.weights)), "ema_updates": torch.tensor(self.updates)}
 
-        dcp.save({"ema": dict(zip(self.names, self.weights))}, checkpoint_id=str(folder / SHARDED_FOLDER))
-        if accelerator.is_main_process:
-            (folder / SHARDED_STATE).write_text(json.dumps({"updates": self.updates}))
-
-    def load_shards(self, folder: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        if not (folder / SHARDED_FOLDER).is_dir():
-            raise ValueError(f"Missing key: {folder} holds no EMA shards ({SHARDED_FOLDER}/)")  # a misfit, said as one line
-        state = {"ema": dict(zip(self.names, self.weights))}
-        dcp.load(state, checkpoint_id=str(folder / SHARDED_FOLDER))  # into these tensors, resharded to this world size
-        self.updates = int(json.loads((folder / SHARDED_STATE).read_text())["updates"])
+    def _after_load(self, state: dict) -> None:
+        self.updates = int(state["ema_updates"])  # the weights were loaded in place
 
     def state_dict(self) -> dict:
         return {"updates": self.updates, "weights": dict(zip(self.names, self.weights))}
