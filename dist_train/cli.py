@@ -82,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT", help=source_help)
     evaluate.add_argument("--set", default="val", metavar="NAME", help="val (default) or a name of the run's eval_sets")
     evaluate.add_argument("--out", metavar="REPORT.json", help="also write the JSON report to this file")
+    evaluate.add_argument("--weights", choices=("raw", "ema"), default="raw", help="the trained weights (default) or their EMA (ema_decay)")
     evaluate.add_argument(
         "overrides", nargs="*", metavar="key=value", help="override a key of the run's config (batch_size=256, data_args.path=...)"
     )
@@ -94,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", required=True, metavar="DIR", help="where the parts and manifest.json go")
     predict.add_argument("--set", default="val", metavar="NAME", help="val (default) or a name of the run's eval_sets")
     predict.add_argument("--shard-samples", type=int, default=4096, metavar="N", help="samples per part file (default 4096)")
+    predict.add_argument("--weights", choices=("raw", "ema"), default="raw", help="the trained weights (default) or their EMA (ema_decay)")
     predict.add_argument("overrides", nargs="*", metavar="key=value", help="override a key of the run's config")
     return parser
 
@@ -101,14 +103,14 @@ def _parser() -> argparse.ArgumentParser:
 def _evaluate(args) -> int:
     from .inference import run_evaluate
 
-    run_evaluate(args.source, args.set, args.overrides, args.out)
+    run_evaluate(args.source, args.set, args.overrides, args.out, ema=args.weights == "ema")
     return 0
 
 
 def _predict(args) -> int:
     from .inference import run_predict
 
-    run_predict(args.source, args.out, args.set, args.overrides, args.shard_samples)
+    run_predict(args.source, args.out, args.set, args.overrides, args.shard_samples, ema=args.weights == "ema")
     return 0
 
 

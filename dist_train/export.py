@@ -51,7 +51,7 @@ def choose_weights(source: Path, ema: bool = False, command: str = "export") -> 
     """
     if (source / MANIFEST).exists():
         try:
-            return source, f"checkpoint {source}", verify(source)["step"]
+            return source, f"{'the EMA weights of ' if ema else ''}checkpoint {source}", verify(source)["step"]
         except InvalidCheckpoint as exc:
             raise UserError(f"{command}: {source} is not a usable checkpoint: {exc}.") from None
     finals = source / "ema" if ema else source
@@ -65,7 +65,7 @@ def choose_weights(source: Path, ema: bool = False, command: str = "export") -> 
             break  # the newest checkpoint predates the final weights: no need to hash it
         with contextlib.suppress(InvalidCheckpoint):
             verify(path)
-            return path, f"checkpoint {path}", step
+            return path, f"{'the EMA weights of ' if ema else ''}checkpoint {path}", step
     if final:
         return source, f"the final {'EMA ' if ema else ''}weights of {source}", _final_step(source, final)
     raise UserError(
@@ -173,7 +173,6 @@ def export(source: str | Path, out: str | Path, max_shard_bytes: int = 5 * 10**9
     cfg = yaml.safe_load((folder / "config.yaml").read_text())
     model_spec = _model_spec(model, "--model") if model else _model_spec(cfg["model"], f"model in {folder / 'config.yaml'}")
     weights = _ema_weights(folder) if ema else _weights(folder)
-    what = what if not ema or "EMA" in what else f"the EMA weights of {what}"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _save_sharded(weights, out, max_shard_bytes)
@@ -216,9 +215,10 @@ def _save_sharded(weights: dict[str, torch.Tensor], out: Path, max_shard_bytes: 
     (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
-def load_weights(model: nn.Module, folder: Path) -> None:
-    """The weights of a run or checkpoint folder chosen by `choose_weights`, loaded into `model` (shapes and names checked)."""
-    _load_weights(model, _weights(folder), folder)
+def load_weights(model: nn.Module, folder: Path, ema: bool = False) -> None:
+    """The weights of a run or checkpoint folder chosen by `choose_weights` (their EMA with `ema`), loaded into
+    `model` (shapes and names checked)."""
+    _load_weights(model, _ema_weights(folder) if ema else _weights(folder), folder)
 
 
 def load_model(directory: str | Path, model: Callable | nn.Module | None = None, *, trust_code: bool = False) -> nn.Module:

@@ -36,8 +36,8 @@ from .faults import process_group_kwargs
 from .plugins import build_model, check_call, resolve
 
 
-def _open(source: str, overrides: list[str], command: str) -> tuple[Config, Path, str, int | None]:
-    folder, what, step = choose_weights(Path(source), command=command)
+def _open(source: str, overrides: list[str], command: str, ema: bool) -> tuple[Config, Path, str, int | None]:
+    folder, what, step = choose_weights(Path(source), ema=ema, command=command)
     config = folder / "config.yaml"
     if not config.is_file():
         raise UserError(f"{folder} has no config.yaml (model, data, loss); evaluate a run's output_dir or one of its checkpoints.")
@@ -65,9 +65,9 @@ def _accelerator(cfg: Config) -> Accelerator:
     return accelerator
 
 
-def _model(cfg: Config, folder: Path, accelerator: Accelerator):
+def _model(cfg: Config, folder: Path, accelerator: Accelerator, ema: bool):
     model = build_model(cfg.model, cfg.model_args)
-    load_weights(model, folder)
+    load_weights(model, folder, ema=ema)
     return model.to(accelerator.device).eval()
 
 
@@ -91,12 +91,12 @@ def _validation_loader(cfg: Config, world_size: int):
     return split_if_stream(eval_loader(get_data(view, False), cfg, "validation"), cfg, world_size, "validation")
 
 
-def run_evaluate(source: str, set_name: str = "val", overrides: list[str] = (), report_path: str | None = None) -> dict:
-    """The loss and metrics of the weights `source` names on one set; printed as JSON by the main process."""
-    cfg, folder, what, step = _open(source, overrides, "evaluate")
+def run_evaluate(source: str, set_name: str = "val", overrides: list[str] = (), report_path: str | None = None, ema: bool = False) -> dict:
+    """The loss and metrics of the weights `source` names (their EMA with `ema`) on one set; printed as JSON by the main process."""
+    cfg, folder, what, step = _open(source, overrides, "evaluate", ema)
     _check_set(cfg, set_name)
     accelerator = _accelerator(cfg)
-    model = _model(cfg, folder, accelerator)
+    model = _model(cfg, folder, accelerator, ema)
     if set_name == "val":
         loader, data_spec = prepare_eval(accelerator, _validation_loader(cfg, accelerator.num_processes)), cfg.data
         metrics = MetricSet(parse_metrics(cfg.metrics), accelerator.device)
@@ -122,14 +122,16 @@ def run_evaluate(source: str, set_name: str = "val", overrides: list[str] = (), 
     return report
 
 
-def run_predict(source: str, out: str, set_name: str = "val", overrides: list[str] = (), shard_samples: int = 4096) -> dict:
+def run_predict(
+    source: str, out: str, set_name: str = "val", overrides: list[str] = (), shard_samples: int = 4096, ema: bool = False
+) -> dict:
     """Every sample's outputs on one set, written to `out` as parts and a manifest (evaluation/predict.py)."""
     if shard_samples < 1:
         raise UserError(f"--shard-samples {shard_samples} must be at least 1.")
-    cfg, folder, what, step = _open(source, overrides, "predict")
+    cfg, folder, what, step = _open(source, overrides, "predict", ema)
     _check_set(cfg, set_name)
     accelerator = _accelerator(cfg)
-    model = _model(cfg, folder, accelerator)
+    model = _model(cfg, folder, accelerator, ema)
     if set_name == "val":
         loader, data_spec = _validation_loader(cfg, accelerator.num_processes), cfg.data
     else:

@@ -3,6 +3,7 @@ through a SIGKILL and a resume on 1 and 2 ranks, validated beside the raw weight
 
 from __future__ import annotations
 
+import json
 import shutil
 import textwrap
 from pathlib import Path
@@ -78,6 +79,11 @@ def test_the_ema_is_swa_utils_ema_of_every_step(tmp_path):
     records = val_records(out)
     assert [r["step"] for r in records] == [3, 6, 7]
     assert all(r["val_loss_ema"] != r["val_loss"] and "val_accuracy_ema" in r for r in records)
+    # evaluate takes the EMA weights on request: the loss the run logged for them (to 1e-8: the run was made in
+    # this process with its thread count, the evaluation in one single-threaded one, whose matmuls add in another order).
+    report = json.loads(run_cli([str(out), "--weights", "ema"], subcommand="evaluate").stdout)
+    assert report["metrics"]["val_loss"] == pytest.approx(records[-1]["val_loss_ema"], rel=1e-8, abs=0)
+    assert report["weights"] == f"the final EMA weights of {out}"
 
 
 def test_ema_settings_are_checked(tmp_path):
