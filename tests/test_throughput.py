@@ -113,3 +113,55 @@ def test_two_ranks_with_accumulation_report_per_device_and_global_figures(tmp_pa
         assert r["tflops_per_s"] == pytest.approx(r["flops_per_sample"] * r["samples_per_s"] / 1e12, rel=1e-9)
         # 2 steps x 2 micro-batches x 8 samples x 2 ranks per record, over the interval's time
         assert r["samples_per_s"] * r["step_time_s"] * 2 == pytest.approx(2 * 2 * 8 * 2, rel=1e-6)
+
+
+PADDED_PROJECT = """
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, Dataset
+
+LENGTHS = [3, 8, 5, 1, 8, 2, 7, 4] * 6  # real tokens of each of 48 samples, padded to 8
+
+
+class Padded(Dataset):
+    def __len__(self):
+        return len(LENGTHS)
+
+    def __getitem__(self, i):
+        ids = torch.zeros(8, dtype=torch.long)
+        ids[: LENGTHS[i]] = torch.arange(1, LENGTHS[i] + 1)
+        return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor(i % 3)}
+
+
+class BagModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.EmbeddingBag(16, 8, mode="sum")
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        return self.head(self.embed(input_ids, per_sample_weights=attention_mask.float()))
+
+
+def get_dataloader(cfg, train):
+    return DataLoader(Padded(), batch_size=cfg.batch_size, shuffle=train)
+"""
+
+
+def test_tokens_per_second_leave_out_the_padding_of_a_padded_batch(tmp_path):
+    """48 padded samples of 8 token slots, 4.75 real tokens each on average: one record per epoch (all of it)."""
+    (tmp_path / "padded.py").write_text(PADDED_PROJECT)
+    spec = tmp_path / "padded.py"
+    train_in_process(
+        [
+            f"model={spec}:BagModel",
+            f"data={spec}:get_dataloader",
+            "batch_size=6",
+            "epochs=1",
+            "log_every=8",
+            f"output_dir={tmp_path / 'out'}",
+            "progress=false",
+        ]
+    )
+    (record,) = [r for r in read_metrics(tmp_path / "out") if "lr" in r]
+    assert record["tokens_per_s"] / record["samples_per_s"] == pytest.approx(sum([3, 8, 5, 1, 8, 2, 7, 4]) / 8, rel=1e-9)
