@@ -30,7 +30,8 @@ on any other version, so an upgrade is a deliberate act: rerun the suite, then w
   DTensor parameters, `save_state`/`load_state` through `torch.distributed.checkpoint`, `save_model`) is
   Accelerate's own FSDP2 path, which works on gloo. `check_launch_backend` turns the settings that cannot
   work into one line before the Accelerator exists (FSDP1's plugin raises from `__post_init__` without a
-  GPU; DeepSpeed's import fails inside the constructor).
+  GPU; DeepSpeed's import fails inside the constructor; a `parallelism_config` layout such as HSDP is
+  validated against the device type inside the constructor, before `shard_on_cpu` can act).
 - `broadcast_buffers`: what Accelerate's DDP wrapper does for buffers (`broadcast_buffers=True`) and its FSDP2
   path does not: under `fully_shard` each rank keeps its own BatchNorm statistics, and a sharded checkpoint
   stores one rank's copy (whichever DCP's planner picks), so a resumed run would differ.
@@ -179,7 +180,19 @@ def check_launch_backend(has_gpu: bool) -> None:
             "the launch config asks for DeepSpeed (distributed_type: DEEPSPEED), and the deepspeed package is not "
             "installed: pip install deepspeed (it needs GPUs), or launch with launch_configs/fsdp.yaml to shard with FSDP2."
         )
-    if not fsdp_requested() or has_gpu:
+    if has_gpu:
+        return
+    layout = {
+        name: int(os.environ.get(f"PARALLELISM_CONFIG_{name.upper()}_SIZE", "1")) for name in ("dp_replicate", "dp_shard", "tp", "cp")
+    }
+    if _env_flag("ACCELERATE_USE_PARALLELISM_CONFIG") and any(size > 1 for size in layout.values()):
+        sizes = ", ".join(f"{name}_size {size}" for name, size in layout.items() if size > 1)
+        raise UserError(
+            f"the launch config's parallelism_config ({sizes}) needs GPUs: Accelerate 1.15 validates it against the "
+            "device type while the Accelerator is built, before dist_train can switch CPU processes to FSDP2. On CPU "
+            "leave parallelism_config out (launch_configs/fsdp_cpu.yaml shards over all processes)."
+        )
+    if not fsdp_requested():
         return
     version = os.environ.get("FSDP_VERSION", "1")
     if version != "2":

@@ -98,6 +98,13 @@ def test_gpu_check_without_a_gpu_says_so():
     assert result.returncode == 2 and "needs a CUDA GPU" in result.stdout
 
 
+def test_shard_hashing_benchmark_runs(tmp_path):
+    """Per-rank hashing against the main process hashing everything (bench/RESULTS.md); no timing asserted."""
+    result = _bench("--mib", "4", "--ranks", "1", "2", "--repeats", "1", "--dir", str(tmp_path), module="bench.shard_hashing")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "hash: main" in result.stdout and len(result.stdout.strip().splitlines()) == 4
+
+
 def test_async_checkpoint_benchmark_runs(tmp_path):
     """The stall benchmark (bench/RESULTS.md) end to end on a small model; no timing is asserted."""
     result = _bench("--mib", "4", "--saves", "2", "--steps", "4", "--dir", str(tmp_path), module="bench.async_checkpoint")

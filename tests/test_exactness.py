@@ -345,7 +345,7 @@ def test_only_a_failed_write_is_reported_as_a_disk_problem():
     """A collective timeout during a save keeps its traceback instead of becoming 'free disk space'."""
     from torch.distributed import DistBackendError
 
-    from dist_train.checkpoint.manager import _is_write_failure
+    from dist_train.checkpoint.async_save import is_write_failure as _is_write_failure
 
     assert _is_write_failure(OSError(28, "No space left on device"))
     assert _is_write_failure(

@@ -353,8 +353,20 @@ def test_settings_that_cannot_run_on_cpu_are_one_line(monkeypatch, project, tmp_
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(UserError, match="deepspeed package is not installed: pip install deepspeed"):
         check_launch_backend(has_gpu=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setenv("ACCELERATE_USE_PARALLELISM_CONFIG", "true")  # HSDP: 2 replicas x 2 shards
+    monkeypatch.setenv("PARALLELISM_CONFIG_DP_REPLICATE_SIZE", "2")
+    monkeypatch.setenv("PARALLELISM_CONFIG_DP_SHARD_SIZE", "2")
+    with pytest.raises(UserError, match=r"parallelism_config \(dp_replicate_size 2, dp_shard_size 2\) needs GPUs"):
+        check_launch_backend(has_gpu=False)
     # Through the launcher: one line from each rank, exit 2, no traceback from inside Accelerate.
-    for name in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "ACCELERATE_USE_DEEPSPEED"):
+    for name in (
+        "ACCELERATE_USE_FSDP",
+        "FSDP_VERSION",
+        "ACCELERATE_USE_PARALLELISM_CONFIG",
+        "PARALLELISM_CONFIG_DP_REPLICATE_SIZE",
+        "PARALLELISM_CONFIG_DP_SHARD_SIZE",
+    ):
         monkeypatch.delenv(name)
     legacy = tmp_path / "fsdp1.yaml"
     legacy.write_text(FSDP_CPU_LAUNCH_CONFIG.read_text().replace("fsdp_version: 2", "fsdp_version: 1"))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import random
 import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 from accelerate.utils import save as accelerate_save
+from safetensors import SafetensorError
 
 from ..accelerate_internals import micro_step, registered_objects
 
@@ -100,6 +102,19 @@ def write_snapshot(snapshot: dict, folder: Path) -> None:
         accelerate_save(custom, folder / f"custom_checkpoint_{index}.pkl")
     if snapshot.get("data_state") is not None:
         torch.save(snapshot["data_state"], folder / DATA_STATE)
+
+
+def is_write_failure(exc: Exception) -> bool:
+    """An I/O failure of a save (full disk, no permission): OSError, safetensors' error, or torch's writer,
+    which reports a failed write as a RuntimeError ("PytorchStreamWriter failed", "iostream error") from
+    inside `torch.save`; never another RuntimeError (e.g. a collective timeout, `DistBackendError`), which
+    must keep its traceback."""
+    if isinstance(exc, (OSError, SafetensorError)):
+        return True
+    if any(sign in str(exc) for sign in ("PytorchStreamWriter", "file write failed", "iostream error")):
+        return True
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and frames[-1].filename.replace("\\", "/").endswith("torch/serialization.py")
 
 
 class BackgroundWriter:

@@ -15,54 +15,39 @@ everything else through `torch.load(weights_only=True)` — including the regist
 Accelerate itself would load with `weights_only=False`.
 
 This module is the saving half of `Checkpointer` (when, writing, publishing, pruning); `resume` and
-its checks are resume.py's `Resuming`, which `Checkpointer` inherits.
+its checks are resume.py's `Resuming`, and FSDP2's per-rank background writes sharded_save.py's
+`ShardWriting`, both of which `Checkpointer` inherits.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import shutil
 import time
-import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from accelerate.utils import gather_object
-from accelerate.utils import save as accelerate_save
 from safetensors import SafetensorError
 
 from .._version import __version__
-from ..accelerate_internals import PLAIN_BACKENDS, micro_step
+from ..accelerate_internals import PLAIN_BACKENDS
 from ..config import Config
 from ..errors import UserError
 from ..state import TrainState
-from .async_save import DATA_STATE, PER_RANK, BackgroundWriter, HostCopier, take_snapshot, write_snapshot
+from .async_save import DATA_STATE, PER_RANK, BackgroundWriter, HostCopier, is_write_failure, take_snapshot, write_snapshot
 from .manifest import InvalidCheckpoint, fsync_path, hash_files, owned_files, read_manifest, write_manifest
 from .resume import Resuming, _warn
 from .safe_load import load_unwrapped_weights
-from .sharded_save import copy_shards, gather_to_main, take_shards, write_shards
+from .sharded_save import ShardWriting
 
 PAUSE_ENV = "DIST_TRAIN_TEST_PAUSE_IN_SAVE"  # "STEP:MARKER": tests kill the process inside this save
 
 
-def _is_write_failure(exc: Exception) -> bool:
-    """An I/O failure of a save (full disk, no permission): OSError, safetensors' error, or torch's writer,
-    which reports a failed write as a RuntimeError ("PytorchStreamWriter failed", "iostream error") from
-    inside `torch.save`; never another RuntimeError (e.g. a collective timeout, `DistBackendError`), which
-    must keep its traceback."""
-    if isinstance(exc, (OSError, SafetensorError)):
-        return True
-    if any(sign in str(exc) for sign in ("PytorchStreamWriter", "file write failed", "iostream error")):
-        return True
-    frames = traceback.extract_tb(exc.__traceback__)
-    return bool(frames) and frames[-1].filename.replace("\\", "/").endswith("torch/serialization.py")
-
-
-class Checkpointer(Resuming):
+class Checkpointer(Resuming, ShardWriting):
     """Owns when and how checkpoints are written, and what `resume` loads. All ranks call every method."""
 
     def __init__(self, cfg: Config, accelerator, state: TrainState, model=None, optimizer=None, scheduler=None):
@@ -141,7 +126,7 @@ class Checkpointer(Resuming):
                 if data_state is not None:
                     torch.save(data_state, tmp / DATA_STATE)
         except (OSError, RuntimeError, SafetensorError) as exc:
-            if not _is_write_failure(exc):
+            if not is_write_failure(exc):
                 raise  # e.g. a collective timeout during the save: a bug or a hang, with its traceback
             error = self._write_error(exc)
         self._agree(error, tmp)
@@ -189,75 +174,8 @@ class Checkpointer(Resuming):
             self._publish(tmp, final)
         except (OSError, RuntimeError, SafetensorError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            if not _is_write_failure(exc):
+            if not is_write_failure(exc):
                 raise
-            return self._write_error(exc)
-        try:
-            self._prune(keep=final)
-        except OSError as exc:  # the new checkpoint is complete: a failed clean-up costs only disk space
-            _warn(f"checkpoint {final.name} is saved, but pruning older ones failed ({exc}); remove them by hand.")
-        return None
-
-    def _save_shards_in_background(self, record: dict | None, final: Path, tmp: Path) -> None:
-        """FSDP2 (sharded_save.py): every rank snapshots its shards now and writes them in its own thread."""
-        acc, error = self.accelerator, None
-        if acc.is_main_process:
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-            except OSError as exc:
-                error = self._write_error(exc)
-        self._agree(error, tmp)
-        model, optimizer, scheduler = self._live
-        shards = take_shards(model, getattr(optimizer, "optimizer", optimizer), micro_step(acc), self._copier)
-        shards["extra"] = {name: copy_shards(state_dict(), self._copier, (name,)) for name, (state_dict, _) in self._sharded.items()}
-        description, data_state, main_part = self._describe(record), self._data_state(), None
-        if acc.is_main_process:
-            main_part = {"scheduler": copy.deepcopy(scheduler.state_dict()), "custom": copy.deepcopy(self.state.state_dict())}
-            main_part["data_state"] = data_state
-            if acc.scaler is not None:
-                main_part["scaler"] = copy.deepcopy(acc.scaler.state_dict())
-        self._last_saved = (self.state.optimizer_step, self.state.state_dict())
-        self._writer.start(lambda: self._write_shards_in_background(shards, main_part, description, final, tmp))
-
-    def _write_shards_in_background(self, shards: dict, main_part: dict | None, description: dict, final: Path, tmp: Path) -> str | None:
-        """Every rank's writer thread: its files, hashed and fsynced; then the main process's manifest, rename, prune.
-
-        Every rank reaches the gather whatever happened before it (a rank that stayed away would leave the
-        others waiting), so any failure becomes an error message, returned by every rank's `wait`."""
-        acc, rank = self.accelerator, self.accelerator.process_index
-        digests, error = {}, None
-        try:
-            self._pause_for_tests(description["step"], "files")
-            write_shards(shards, tmp, rank, self._group)
-            if main_part is not None:
-                accelerate_save(main_part["scheduler"], tmp / "scheduler.bin")
-                accelerate_save(main_part["custom"], tmp / "custom_checkpoint_0.pkl")
-                if "scaler" in main_part:
-                    torch.save(main_part["scaler"], tmp / "scaler.pt")
-                if main_part["data_state"] is not None:
-                    torch.save(main_part["data_state"], tmp / DATA_STATE)
-                (tmp / "config.yaml").write_text(self.cfg.to_yaml())
-            digests = {name: {**entry, "rank": rank} for name, entry in hash_files(tmp, owned_files(tmp, rank)).items()}
-        except Exception as exc:
-            if not _is_write_failure(exc):
-                traceback.print_exc()  # not a full disk: a bug, whose traceback must not be lost
-            error = self._write_error(exc)
-        gathered = gather_to_main((digests, error), self._group, acc.is_main_process, acc.num_processes)
-        if not acc.is_main_process:
-            return error
-        errors = [e for _, e in gathered if e]
-        if errors:
-            shutil.rmtree(tmp, ignore_errors=True)
-            return errors[0]
-        try:
-            self._pause_for_tests(description["step"])
-            write_manifest(tmp, description, {name: entry for part, _ in gathered for name, entry in part.items()})
-            self._pause_for_tests(description["step"], "rename")
-            self._publish(tmp, final)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
             return self._write_error(exc)
         try:
             self._prune(keep=final)

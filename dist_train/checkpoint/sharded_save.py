@@ -11,18 +11,31 @@ wrote, the digests are gathered to the main process, which writes the manifest a
 promise of a synchronous save (manager.py) holds, and nothing is visible before its manifest.
 
 Memory: one extra host copy of this rank's shards, at most (a second save waits for the write in flight).
+
+`ShardWriting` is the part of `Checkpointer` (manager.py) that does this; it uses the checkpointer's `cfg`,
+`accelerator`, `state`, `root`, `_live`, `_copier`, `_writer`, `_group` and its helpers (`_agree`,
+`_describe`, `_data_state`, `_publish`, `_prune`, `_write_error`, `_pause_for_tests`).
 """
 
 from __future__ import annotations
 
+import copy
+import shutil
+import traceback
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from accelerate.utils import save as accelerate_save
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 
-from .async_save import HostCopier, rng_state
+from ..accelerate_internals import micro_step
+from .async_save import DATA_STATE, HostCopier, is_write_failure, rng_state
+from .manifest import hash_files, owned_files, write_manifest
+from .resume import _warn as warn
 
 MODEL_DIR, OPTIMIZER_DIR = "pytorch_model_fsdp_0", "optimizer_0"  # Accelerate's names (fsdp_utils.save_fsdp_*)
 
@@ -71,3 +84,74 @@ def gather_to_main(value, group, is_main: bool, world_size: int) -> list | None:
     gathered = [None] * world_size if is_main else None
     dist.gather_object(value, gathered, dst=0, group=group)
     return gathered
+
+
+class ShardWriting:
+    """`async_checkpoint` under FSDP2, the part of `Checkpointer` that writes each rank's shards in the background."""
+
+    def _save_shards_in_background(self, record: dict | None, final: Path, tmp: Path) -> None:
+        """FSDP2 (sharded_save.py): every rank snapshots its shards now and writes them in its own thread."""
+        acc, error = self.accelerator, None
+        if acc.is_main_process:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            except OSError as exc:
+                error = self._write_error(exc)
+        self._agree(error, tmp)
+        model, optimizer, scheduler = self._live
+        shards = take_shards(model, getattr(optimizer, "optimizer", optimizer), micro_step(acc), self._copier)
+        shards["extra"] = {name: copy_shards(state_dict(), self._copier, (name,)) for name, (state_dict, _) in self._sharded.items()}
+        description, data_state, main_part = self._describe(record), self._data_state(), None
+        if acc.is_main_process:
+            main_part = {"scheduler": copy.deepcopy(scheduler.state_dict()), "custom": copy.deepcopy(self.state.state_dict())}
+            main_part["data_state"] = data_state
+            if acc.scaler is not None:
+                main_part["scaler"] = copy.deepcopy(acc.scaler.state_dict())
+        self._last_saved = (self.state.optimizer_step, self.state.state_dict())
+        self._writer.start(lambda: self._write_shards_in_background(shards, main_part, description, final, tmp))
+
+    def _write_shards_in_background(self, shards: dict, main_part: dict | None, description: dict, final: Path, tmp: Path) -> str | None:
+        """Every rank's writer thread: its files, hashed and fsynced; then the main process's manifest, rename, prune.
+
+        Every rank reaches the gather whatever happened before it (a rank that stayed away would leave the
+        others waiting), so any failure becomes an error message, returned by every rank's `wait`."""
+        acc, rank = self.accelerator, self.accelerator.process_index
+        digests, error = {}, None
+        try:
+            self._pause_for_tests(description["step"], "files")
+            write_shards(shards, tmp, rank, self._group)
+            if main_part is not None:
+                accelerate_save(main_part["scheduler"], tmp / "scheduler.bin")
+                accelerate_save(main_part["custom"], tmp / "custom_checkpoint_0.pkl")
+                if "scaler" in main_part:
+                    torch.save(main_part["scaler"], tmp / "scaler.pt")
+                if main_part["data_state"] is not None:
+                    torch.save(main_part["data_state"], tmp / DATA_STATE)
+                (tmp / "config.yaml").write_text(self.cfg.to_yaml())
+            digests = {name: {**entry, "rank": rank} for name, entry in hash_files(tmp, owned_files(tmp, rank)).items()}
+        except Exception as exc:
+            if not is_write_failure(exc):
+                traceback.print_exc()  # not a full disk: a bug, whose traceback must not be lost
+            error = self._write_error(exc)
+        gathered = gather_to_main((digests, error), self._group, acc.is_main_process, acc.num_processes)
+        if not acc.is_main_process:
+            return error
+        errors = [e for _, e in gathered if e]
+        if errors:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return errors[0]
+        try:
+            self._pause_for_tests(description["step"])
+            write_manifest(tmp, description, {name: entry for part, _ in gathered for name, entry in part.items()})
+            self._pause_for_tests(description["step"], "rename")
+            self._publish(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return self._write_error(exc)
+        try:
+            self._prune(keep=final)
+        except OSError as exc:  # the new checkpoint is complete: a failed clean-up costs only disk space
+            warn(f"checkpoint {final.name} is saved, but pruning older ones failed ({exc}); remove them by hand.")
+        return None
