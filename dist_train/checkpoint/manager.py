@@ -107,16 +107,8 @@ class Checkpointer(Resuming, ShardWriting):
             if wait:
                 self.wait()
             return final
-        error = None
-        if acc.is_main_process:
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-            except OSError as exc:
-                error = self._write_error(exc)
-        self._agree(error, tmp)
-        data_state = self._data_state()  # on every rank: a per-rank stream's positions are gathered
+        self._fresh_tmp(tmp)
+        data_state, error = self._data_state(), None  # on every rank: a per-rank stream's positions are gathered
         try:
             acc.save_state(str(tmp), safe_serialization=True)  # every rank writes its own RNG file
             for name, (state_dict, _) in self._sharded.items():  # every rank its own shards (e.g. the EMA under FSDP2)
@@ -158,6 +150,18 @@ class Checkpointer(Resuming, ShardWriting):
         self._last_saved = (self.state.optimizer_step, self.state.state_dict())
         if self.accelerator.is_main_process:
             self._writer.start(lambda: self._write_in_background(snapshot, description, final, tmp))
+
+    def _fresh_tmp(self, tmp: Path) -> None:
+        """All ranks: the main process makes an empty `tmp` (a previous attempt's removed); a failure stops every rank."""
+        error = None
+        if self.accelerator.is_main_process:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            except OSError as exc:
+                error = self._write_error(exc)
+        self._agree(error, tmp)
 
     def _write_in_background(self, snapshot: dict, description: dict, final: Path, tmp: Path) -> str | None:
         """The main process's writer thread: files, manifest, rename, prune. Returns an error message or None."""

@@ -91,15 +91,8 @@ class ShardWriting:
 
     def _save_shards_in_background(self, record: dict | None, final: Path, tmp: Path) -> None:
         """FSDP2 (sharded_save.py): every rank snapshots its shards now and writes them in its own thread."""
-        acc, error = self.accelerator, None
-        if acc.is_main_process:
-            try:
-                self.root.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-            except OSError as exc:
-                error = self._write_error(exc)
-        self._agree(error, tmp)
+        acc = self.accelerator
+        self._fresh_tmp(tmp)
         model, optimizer, scheduler = self._live
         shards = take_shards(model, getattr(optimizer, "optimizer", optimizer), micro_step(acc), self._copier)
         shards["extra"] = {name: copy_shards(state_dict(), self._copier, (name,)) for name, (state_dict, _) in self._sharded.items()}
