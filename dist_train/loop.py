@@ -45,7 +45,17 @@ from .components import (
 )
 from .components import grad_norm as _grad_norm
 from .config import Config, resolve_modes
-from .data import build_loaders, call_model, fit_batch_size, planned_steps, prepare_loaders, replanned, split_batch, train_position
+from .data import (
+    build_loaders,
+    call_model,
+    fit_batch_size,
+    loss_weight,
+    planned_steps,
+    prepare_loaders,
+    replanned,
+    split_batch,
+    train_position,
+)
 from .errors import UserError
 from .evaluation import Validator
 from .faults import HangWatchdog, Preemption, StragglerMonitor, begin_attempt, clear_stale, enable_flight_recorder, process_group_kwargs
@@ -201,15 +211,22 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
         step_loss = torch.zeros((), device=accelerator.device)
         for batch_index, batch in enumerate(train_loader):
             inputs, targets = split_batch(batch, cfg.data, loss_fn.model_computes)
+            # 1, but in an epoch's short last step: this rank's share of the step's samples (data/loaders.py).
+            weight = loss_weight(sampler, batch_index, accelerator.process_index)
             with accelerator.accumulate(model):
                 guard.before_forward()
                 watchdog.at("forward")  # progress marks: a hang names the rank and phase (watchdog.py)
+                if not weight:  # no sample of its own in the last step: a stand-in batch, for DDP's reduction only
+                    model.eval()  # buffers (BatchNorm statistics) untouched, no dropout drawn
                 outputs = call_model(model, inputs)  # model(inputs), or model(**batch) for a dict batch
                 loss = loss_fn(outputs, targets)
                 watchdog.at("backward")
-                accelerator.backward(loss)
+                accelerator.backward(loss if weight == 1 else loss * weight)  # weight 0: a zero gradient
+                if not weight:
+                    model.train()
                 unused.after_backward()
-                metrics.observe(loss, inputs)
+                if weight:
+                    metrics.observe(loss, inputs)
                 step_loss += loss.detach()
                 state.samples_consumed += micro_batch_samples
                 if accelerator.sync_gradients:

@@ -218,9 +218,10 @@ def ids_model(dropout: float = 0.0, rng_scale: bool = False) -> str:
 
 
 def read_ids(ids_dir: Path) -> dict[int, list[list[int]]]:
-    """rank -> the ids of each training forward it logged to ids_dir/rank{RANK}.txt, in order."""
+    """rank -> the ids of each training forward it logged to ids_dir/rank{RANK}.txt, in order (an empty line: a
+    stand-in forward that trains nothing, kept so that line k is micro-batch k on every rank)."""
     return {
-        int(p.stem[4:]): [[int(i) for i in line.split()] for line in p.read_text().splitlines() if line]
+        int(p.stem[4:]): [[int(i) for i in line.split()] for line in p.read_text().splitlines()]
         for p in sorted(Path(ids_dir).glob("rank*.txt"))
     }
 

@@ -11,7 +11,7 @@
 
 from .batch_size import fit_batch_size
 from .batches import batch_size_of, call_model, split_batch, token_ids
-from .loaders import build_loaders, prepare_loaders, train_position
+from .loaders import build_loaders, loss_weight, prepare_loaders, train_position
 from .run_length import planned_steps, replanned
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "build_loaders",
     "call_model",
     "fit_batch_size",
+    "loss_weight",
     "planned_steps",
     "prepare_loaders",
     "replanned",
