@@ -225,8 +225,7 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
                 if not weight:
                     model.train()
                 unused.after_backward()
-                if weight:
-                    metrics.observe(loss, inputs)
+                metrics.observe(loss if weight else loss * 0, inputs, stand_in=not weight)  # every rank: its sums are reduced together
                 step_loss += loss.detach()
                 state.samples_consumed += micro_batch_samples
                 if accelerator.sync_gradients:

@@ -3,14 +3,16 @@
 Hypothesis draws the setup (epoch length, per-process batch, processes, accumulation, shuffle,
 drop_last, seed, epoch, and whose order: dist_train's own, or a user's `SubsetRandomSampler` or
 `WeightedRandomSampler` materialised for the epoch) and the test deals the epoch as a real run would:
-`EpochSampler`, then `BatchSampler` (regular path) or `EpochBatchSampler` (in-memory fast path), then
+`EpochSampler`, then `ExactBatches` (lists on the regular path, index tensors on the in-memory fast path), then
 Accelerate's `BatchSamplerShard`, one per rank. Global micro-batch k is rank 0's k-th batch, then
 rank 1's, ...; an optimizer step is `grad_accum_steps` consecutive global micro-batches.
 
-The oracle is the epoch's order extended by wrapping around: `W[i] = order[i % num_samples]`. Every
-promise below is a statement about which stretch of `W` a run sees; counts are compared as multisets
-of the order (a weighted draw repeats indices; a permutation holds each once). The batch_sampler path
-(a user's batches, dealt whole) has its own property at the end.
+The oracle is the epoch's order itself (the exact tail: no padding, `wrapped` checks nothing is dealt
+past it): every promise below is a statement about which stretch of it a run sees; counts are compared
+as multisets of the order (a weighted draw repeats indices; a permutation holds each once). `deal` also
+checks the loss weights: in every optimizer step each real sample's share of the gradient is 1 / (the
+step's samples). The batch_sampler path (a user's batches, dealt whole, its last step still padded by
+wrapping) has its own property at the end.
 
 Runs are derandomized (the examples follow from each test's source), so CI is deterministic and a
 failure replays by running the file again; Hypothesis also prints the falsifying example and a
@@ -33,7 +35,6 @@ from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset, Wei
 
 from dist_train.config import load_config
 from dist_train.data import planned_steps
-from dist_train.data.fastdata import EpochBatchSampler
 from dist_train.data.loaders import EpochSampler, ExactBatches, UserBatches, _with_epoch_sampler, epoch_sampler
 from dist_train.data.user_order import UserOrder
 from dist_train.errors import UserError
@@ -404,7 +405,7 @@ def test_resume_at_the_end_of_the_epoch_yields_no_batch(setup, past):
     offset = setup.epoch_samples + past * setup.micro_batch_samples
     sampler = setup.sampler(offset)
     assert len(sampler) == 0 and list(sampler) == []
-    for batch_sampler in (ExactBatches(sampler, True), ExactBatches(sampler, False), EpochBatchSampler(sampler, setup.batch_size)):
+    for batch_sampler in (ExactBatches(sampler, True), ExactBatches(sampler, False)):
         assert list(batch_sampler) == [] and len(batch_sampler) == 0
         for rank in range(setup.world_size):
             shard = BatchSamplerShard(batch_sampler, setup.world_size, rank, split_batches=False, even_batches=True)

@@ -27,11 +27,17 @@ Which order:
   (streams.py); one already split per rank is read by each rank, its own part, and not split again
   (training and validation alike: `prepare_loaders`).
 
-The epoch is cut into whole optimizer steps of `batch_size x world_size x grad_accum_steps` samples
-(`world_size x grad_accum_steps` batches on the batch_sampler path): the last, partial step is
-completed with the epoch's first samples (as `DistributedSampler` pads), or dropped when the user's
-DataLoader says `drop_last=True`. So every optimizer step averages the same number of samples, and
-4 micro-batches of b are the one batch of 4b, for any dataset size.
+The exact tail (map-style data without a batch_sampler): every sample once per epoch. The epoch is cut
+into optimizer steps of `batch_size x world_size x grad_accum_steps` samples, and its last step holds
+what is left: its last global micro-batch split over the ranks as evenly as possible (`ExactBatches`),
+each rank's mean loss weighted by its share of the step's samples (`EpochSampler.loss_weight`), so that
+DDP's average over the ranks and Accelerate's over the accumulation are the exact mean over the step's
+real samples. A rank with no sample left gets a stand-in batch the loop runs in eval mode with weight 0:
+DDP needs every rank in the reduction; its gradient is zero and its buffers untouched. (Padding, what
+`DistributedSampler` and Accelerate's `even_batches` do, would train the epoch's first samples twice, and
+one process would not be the user's own loop over their DataLoader.) `drop_last=True` drops the partial step.
+On the batch_sampler path the epoch is still cut into whole steps of `world_size x grad_accum_steps`
+batches, the last completed with the draw's first batches.
 """
 
 from __future__ import annotations
@@ -46,20 +52,20 @@ from ..accelerate_internals import seed_dispatched_workers
 from ..config import Config
 from ..errors import UserError
 from ..plugins import check_call, resolve
-from .fastdata import EpochBatchSampler, TensorBatches, already_batched, can_use_fast_path, dataset_tensors
+from .fastdata import TensorBatches, already_batched, can_use_fast_path, dataset_tensors
 from .streams import StreamBatches, split_by_rank, stream_loader
 from .user_order import UserOrder, epoch_seed
 
 
 class EpochSampler(Sampler[int]):
-    """Yields `order(seed, epoch)[start:]`, cut to whole optimizer steps.
+    """Yields `order(seed, epoch)[start:]`: to its end (the exact tail, given `batch_size`), or cut to whole
+    optimizer steps.
 
     The order is dist_train's permutation of `num_samples` (or `range(num_samples)` without `shuffle`),
     or, given a `source`, the user's sampler drawn for the epoch (`UserOrder`; then `num_samples` is the
-    draw's length). `step_samples` (batch x ranks x accumulation) is the unit: the epoch's tail is padded
-    by wrapping (the order's first samples again) or, with `drop_last`, dropped. Padding keeps every
-    rank's batches full, so DDP never waits on a rank with nothing left, and keeps the last optimizer
-    step as large as the others.
+    draw's length). `step_samples` (batch x ranks x accumulation) is the unit of the cut: with `drop_last`
+    the partial last step is dropped; without the exact tail it is padded by wrapping (the order's first
+    samples again).
 
     On the batch_sampler path the order is of the user's batches (`UserBatches`), the sizes count
     batches, and `unit_samples` (the loop's `batch_size`) converts the loop's `samples_consumed`.
@@ -335,17 +341,14 @@ def _rebuilt(loader: DataLoader, cfg: Config, sampler: EpochSampler, batch_sampl
     # On a GPU, pinned batches let Accelerate copy them to the device without blocking (non_blocking=True).
     pin_memory = loader.pin_memory or (torch.cuda.is_available() and not cfg.cpu)
     fast = can_use_fast_path(loader)
-    if batch_sampler is None and sampler.exact_tail:
-        batch_sampler = ExactBatches(sampler, tensors=fast)
+    batch_sampler = batch_sampler or ExactBatches(sampler, tensors=fast)
     if fast:
         # Tensors in memory: one index_select per tensor per batch, same order (see fastdata.py).
-        batches = batch_sampler or EpochBatchSampler(sampler, loader.batch_size)
         dataset = TensorBatches(dataset_tensors(loader.dataset), pin_memory=pin_memory)  # gathers into pinned memory itself
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=already_batched, generator=sampler.loader_generator)
-    batching = {"batch_sampler": batch_sampler} if batch_sampler else {"batch_size": loader.batch_size, "sampler": sampler}
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=already_batched, generator=sampler.loader_generator)
     return DataLoader(
         loader.dataset,
-        **batching,
+        batch_sampler=batch_sampler,
         num_workers=loader.num_workers,
         collate_fn=loader.collate_fn,
         pin_memory=pin_memory,
