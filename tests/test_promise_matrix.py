@@ -201,7 +201,10 @@ def deal(setup: Setup, offset: int, fast: bool = False) -> list[list[list[int]]]
             weight, mine = sampler.loss_weight(k, rank), len(ranks[rank][k])
             assert math.isclose(weight * in_step, accum * world * mine), (k, rank, weight, mine, in_step)
         sizes = [len(ranks[rank][step[-1][0]]) for rank in range(world)]
-        assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True), "the last micro-batch not split evenly"
+        some = [size for size in sizes if size]
+        assert sizes == sorted(sizes, reverse=True) and max(some) - min(some) <= 1, "the last micro-batch not split evenly"
+        if sum(sizes) < setup.micro_batch_samples:  # the epoch's short last micro-batch
+            assert min(some) >= min(2, sum(sizes)) and (len(some) == world or sum(sizes) < 2 * world), "a rank with 1, or idle"
     return ranks
 
 

@@ -410,8 +410,8 @@ def test_subset_sampler_trains_on_exactly_its_subset(project, tmp_path, nproc):
 
 
 def test_subset_sampler_on_three_ranks_is_its_draw_once(project, tmp_path):
-    """3 ranks x 2: the 20 ids of an epoch's draw, dealt 6 per global micro-batch; the last 2 split over the ranks
-    (1, 1, and a stand-in on rank 2), so each subset id is trained on once and nothing outside it."""
+    """3 ranks x 2: the 20 ids of an epoch's draw, dealt 6 per global micro-batch; the last 2 on rank 0 (at least
+    2 on a rank that gets any; stand-ins on ranks 1 and 2), so each subset id is trained on once and nothing else."""
     out, ids = tmp_path / "run", tmp_path / "ids"
     ids.mkdir()
     run_cli(_args(project, out, "subset", "epochs=2", "batch_size=2", "seed=3"), nproc=3, env={"IDS_DIR": str(ids)})

@@ -29,7 +29,8 @@ Which order:
 
 The exact tail (map-style data without a batch_sampler): every sample once per epoch. The epoch is cut
 into optimizer steps of `batch_size x world_size x grad_accum_steps` samples, and its last step holds
-what is left: its last global micro-batch split over the ranks as evenly as possible (`ExactBatches`),
+what is left: its last global micro-batch split over the ranks as evenly as possible, at least 2 samples on
+a rank that gets any (`share`, `ExactBatches`),
 each rank's mean loss weighted by its share of the step's samples (`EpochSampler.loss_weight`), so that
 DDP's average over the ranks and Accelerate's over the accumulation are the exact mean over the step's
 real samples. A rank with no sample left gets a stand-in batch the loop runs in eval mode with weight 0:
@@ -165,8 +166,9 @@ class EpochSampler(Sampler[int]):
         if left >= self.step_samples:
             return 1.0
         world = self.micro_batch_samples // self.batch_size
-        in_micro = min(self.micro_batch_samples, len(self) - micro_batch * self.micro_batch_samples)
-        return world * self.accumulation * share(in_micro, world, rank) / left
+        in_micro = len(self) - micro_batch * self.micro_batch_samples
+        mine = self.batch_size if in_micro >= self.micro_batch_samples else share(in_micro, world, rank)  # as ExactBatches cuts
+        return world * self.accumulation * mine / left
 
     @property
     def accumulation(self) -> int:
@@ -185,9 +187,12 @@ class EpochSampler(Sampler[int]):
 
 
 def share(samples: int, world_size: int, rank: int) -> int:
-    """Rank `rank`'s part of `samples` split over `world_size` ranks as evenly as possible, the first ranks
-    taking one more: contiguous parts in rank order, so that N ranks train one rank's global micro-batch."""
-    return samples // world_size + (rank < samples % world_size)
+    """Rank `rank`'s part of `samples` split over the ranks as evenly as possible, the first ranks taking one more,
+    but at least 2 on a rank that gets any (BatchNorm in training has no statistics of one sample; the user's own
+    loop would not make a batch of 1 either, unless one sample is all there is): contiguous parts in rank order,
+    so that N ranks train one rank's global micro-batch."""
+    ranks = min(world_size, max(samples // 2, 1))
+    return samples // ranks + (rank < samples % ranks) if rank < ranks else 0
 
 
 class ExactBatches(Sampler):
