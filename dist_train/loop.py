@@ -46,7 +46,17 @@ from .components import (
 )
 from .components import grad_norm as _grad_norm
 from .config import Config, resolve_modes
-from .data import build_loaders, call_model, fit_batch_size, planned_steps, prepare_loaders, replanned, split_batch, train_position
+from .data import (
+    build_loaders,
+    call_model,
+    fit_batch_size,
+    loss_weight,
+    planned_steps,
+    prepare_loaders,
+    replanned,
+    split_batch,
+    train_position,
+)
 from .errors import UserError
 from .evaluation import Validator
 from .faults import (
@@ -220,16 +230,22 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
         step_loss = torch.zeros((), device=accelerator.device)
         for batch_index, batch in enumerate(train_loader):
             inputs, targets = split_batch(batch, cfg.data, loss_fn.model_computes)
+            # 1, but in an epoch's short last step: this rank's share of the step's samples (data/loaders.py).
+            weight = loss_weight(sampler, batch_index, accelerator.process_index)
             with accelerator.accumulate(model):
                 guard.before_forward()
                 watchdog.at("forward")  # progress marks: a hang names the rank and phase (watchdog.py)
+                if not weight:  # no sample of its own in the last step: a stand-in batch, for DDP's reduction only
+                    model.eval()  # buffers (BatchNorm statistics) untouched, no dropout drawn
                 with metrics.throughput.count(inputs):  # FLOPs of the first micro-batch only (throughput.py)
                     outputs = call_model(model, inputs)  # model(inputs), or model(**batch) for a dict batch
                     loss = loss_fn(outputs, targets)
                     watchdog.at("backward")
-                    accelerator.backward(loss)
+                    accelerator.backward(loss if weight == 1 else loss * weight)  # weight 0: a zero gradient
+                if not weight:
+                    model.train()
                 unused.after_backward()
-                metrics.observe(loss, inputs)
+                metrics.observe(loss if weight else loss * 0, inputs, stand_in=not weight)  # every rank: its sums are reduced together
                 step_loss += loss.detach()
                 state.samples_consumed += micro_batch_samples
                 if accelerator.sync_gradients:

@@ -193,7 +193,7 @@ GETITEM_WITH_ID = "torch.cat([self.x[index], torch.tensor([float(index)])]), sel
 
 def ids_model(dropout: float = 0.0, rng_scale: bool = False) -> str:
     """model.py for a seed project written with ids=True: MyModel on all columns but the id, which logs the
-    ids it trains on ($IDS_DIR/rank{RANK}.txt, one line per training forward) and SIGKILLs itself at rank 0's
+    ids it trains on ($IDS_DIR/rank{RANK}.txt, one line per training forward, an empty one per stand-in) and SIGKILLs itself at rank 0's
     $KILL_AT_FORWARD-th training forward (a real crash). dropout: a Dropout before the head (its masks draw
     from the torch RNG); rng_scale: the input scaled by one draw of the global torch RNG per training
     forward. Either way a resume must restore that RNG exactly to be bitwise the uninterrupted run."""
@@ -213,9 +213,13 @@ def ids_model(dropout: float = 0.0, rng_scale: bool = False) -> str:
 
             def forward(self, x):
                 features = x[:, :-1]
+                rank = os.environ.get("RANK", "0")
+                if not self.training and torch.is_grad_enabled() and os.environ.get("IDS_DIR"):
+                    # A stand-in forward (a rank with no sample in an epoch's short last step): an empty line.
+                    with open(os.path.join(os.environ["IDS_DIR"], f"rank{{rank}}.txt"), "a") as f:
+                        f.write("\\n")
                 if self.training:
                     self.forwards += 1
-                    rank = os.environ.get("RANK", "0")
                     if os.environ.get("IDS_DIR"):
                         with open(os.path.join(os.environ["IDS_DIR"], f"rank{{rank}}.txt"), "a") as f:
                             f.write(" ".join(str(int(i)) for i in x[:, -1].tolist()) + "\\n")
@@ -227,9 +231,10 @@ def ids_model(dropout: float = 0.0, rng_scale: bool = False) -> str:
 
 
 def read_ids(ids_dir: Path) -> dict[int, list[list[int]]]:
-    """rank -> the ids of each training forward it logged to ids_dir/rank{RANK}.txt, in order."""
+    """rank -> the ids of each training forward it logged to ids_dir/rank{RANK}.txt, in order (an empty line: a
+    stand-in forward that trains nothing, kept so that line k is micro-batch k on every rank)."""
     return {
-        int(p.stem[4:]): [[int(i) for i in line.split()] for line in p.read_text().splitlines() if line]
+        int(p.stem[4:]): [[int(i) for i in line.split()] for line in p.read_text().splitlines()]
         for p in sorted(Path(ids_dir).glob("rank*.txt"))
     }
 

@@ -139,9 +139,8 @@ def test_a_resume_with_a_larger_step_trains_every_remaining_epoch_whole(tmp_path
     resumed = run_cli(args("max_steps=null", "grad_accum_steps=3", "epochs=2"), nproc=2, env=env)
     ids = read_ids(ids_dir)
     sequence = [i for k in range(len(ids[0])) for rank in (0, 1) for i in ids[rank][k]]
-    epoch0, epoch1 = sequence[: 40 + 90], sequence[40 + 90 :]
-    assert sorted(set(epoch0)) == list(range(101)) and len(epoch0) == 130  # each once, then padding to whole steps
-    assert sorted(epoch1[:101]) == list(range(101)) and len(epoch1) == 120
+    assert len(sequence) == 2 * 101  # each epoch every sample once (its last step short)
+    assert sorted(sequence[:101]) == sorted(sequence[101:]) == list(range(101))
     steps = _train_steps(out)
     assert [r["step"] for r in steps] == list(range(1, 12))
     assert [r["epoch"] for r in steps] == [0] * 7 + [1] * 4
@@ -190,7 +189,7 @@ def test_a_second_run_on_a_busy_output_dir_is_refused(project, tmp_path):
 # ---- 4. accumulation on uneven data ----------------------------------------------------------------------
 @pytest.mark.parametrize("drop_last", [False, True])
 def test_accumulation_equals_the_big_batch_on_uneven_data(project, tmp_path, drop_last):
-    """80 samples: 4 x 8 ≡ 1 x 32 (the last step padded, or dropped, to 32 samples on both sides)."""
+    """80 samples: 4 x 8 ≡ 1 x 32 (the last step of 16 weighted to the exact mean, or dropped, on both sides)."""
     if drop_last:
         (project / "drop_loader.py").write_text(
             (project / "dataloader.py").read_text().replace("num_workers=cfg.num_workers", "num_workers=cfg.num_workers, drop_last=train")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import textwrap
 
 import pytest
@@ -11,8 +12,8 @@ from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 
 from dist_train.config import load_config
-from dist_train.data.fastdata import EpochBatchSampler, TensorBatches, can_use_fast_path
-from dist_train.data.loaders import EpochSampler, _with_epoch_sampler, epoch_sampler
+from dist_train.data.fastdata import TensorBatches, can_use_fast_path
+from dist_train.data.loaders import EpochSampler, ExactBatches, _with_epoch_sampler, epoch_sampler
 from helpers import load_weights, run_clis, seed_project_args, write_seed_project
 
 
@@ -46,7 +47,7 @@ def test_same_batches_as_the_regular_path_across_epochs_and_a_mid_epoch_start(tm
     cfg = load_config(None, seed=7, batch_size=8, output_dir=str(tmp_path))
     fast = _with_epoch_sampler(DataLoader(TensorDataset(x, y), batch_size=8, shuffle=True), cfg, 1)
     regular = _with_epoch_sampler(DataLoader(PerSampleDataset(x, y), batch_size=8, shuffle=True), cfg, 1)
-    assert isinstance(fast.batch_sampler, EpochBatchSampler) and isinstance(fast.dataset, TensorBatches)
+    assert isinstance(fast.batch_sampler, ExactBatches) and isinstance(fast.dataset, TensorBatches)
     assert not isinstance(regular.dataset, TensorBatches)
     accelerator = Accelerator(cpu=True)
     fast, regular = accelerator.prepare(fast, regular)
@@ -54,7 +55,8 @@ def test_same_batches_as_the_regular_path_across_epochs_and_a_mid_epoch_start(tm
         for loader in (fast, regular):
             epoch_sampler(loader).set_position(epoch, samples_consumed)
         fast_batches, regular_batches = list(fast), list(regular)
-        assert len(fast_batches) == len(regular_batches) == len(fast) == (104 - samples_consumed) // 8  # padded to 104
+        assert len(fast_batches) == len(regular_batches) == len(fast) == math.ceil((101 - samples_consumed) / 8)  # no padding
+        assert sum(len(fy) for _, fy in fast_batches) == 101 - samples_consumed
         for (fx, fy), (rx, ry) in zip(fast_batches, regular_batches):
             assert torch.equal(fx, rx) and torch.equal(fy, ry) and fx.dtype == rx.dtype
 
@@ -87,15 +89,21 @@ def test_a_users_sampler_gives_the_same_batches_on_both_paths(tmp_path, loader_a
 
 @pytest.mark.parametrize("samples_consumed", [0, 16, 12])  # 12: a resume from a run with another global batch
 def test_accelerate_shards_the_same_indices_to_each_rank(samples_consumed):
-    """Accelerate's BatchSamplerShard (2 ranks, even_batches) over both samplers: the same batches per rank."""
+    """Accelerate's BatchSamplerShard (2 ranks) over both paths' ExactBatches: the same batches per rank, the
+    last global micro-batch split evenly, every id of the epoch once."""
     world_size, batch_size = 2, 4
-    sampler = EpochSampler(37, seed=3, shuffle=True, micro_batch_samples=world_size * batch_size)
+    sampler = EpochSampler(37, seed=3, shuffle=True, micro_batch_samples=world_size * batch_size, batch_size=batch_size)
     sampler.set_position(1, samples_consumed)
+    ranks = []
     for rank in range(world_size):
-        fast = BatchSamplerShard(EpochBatchSampler(sampler, batch_size), world_size, rank, even_batches=True)
-        regular = BatchSamplerShard(BatchSampler(sampler, batch_size, drop_last=False), world_size, rank, even_batches=True)
-        fast_batches = [b.tolist() if isinstance(b, torch.Tensor) else [int(i) for i in b] for b in fast]
+        fast = BatchSamplerShard(ExactBatches(sampler, tensors=True), world_size, rank, even_batches=True)
+        regular = BatchSamplerShard(ExactBatches(sampler, tensors=False), world_size, rank, even_batches=True)
+        fast_batches = [b.tolist() for b in fast]
         assert fast_batches == list(regular) and len(fast_batches) == len(fast) > 0
+        ranks.append([b for k, b in enumerate(fast_batches) if sampler.loss_weight(k, rank)])  # stand-ins out
+    assert sorted(sum(ranks[0] + ranks[1], [])) == sorted(sampler.indices().tolist())
+    tail = (37 - samples_consumed) % 8  # 5 split 3 + 2; at 12 consumed, 1: rank 1 runs a stand-in
+    assert [len(ranks[0][-1]), len(ranks[1][-1]) if tail > 1 else 0] == [tail - tail // 2, tail // 2]
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,16 @@
 Hypothesis draws the setup (epoch length, per-process batch, processes, accumulation, shuffle,
 drop_last, seed, epoch, and whose order: dist_train's own, or a user's `SubsetRandomSampler` or
 `WeightedRandomSampler` materialised for the epoch) and the test deals the epoch as a real run would:
-`EpochSampler`, then `BatchSampler` (regular path) or `EpochBatchSampler` (in-memory fast path), then
+`EpochSampler`, then `ExactBatches` (lists on the regular path, index tensors on the in-memory fast path), then
 Accelerate's `BatchSamplerShard`, one per rank. Global micro-batch k is rank 0's k-th batch, then
 rank 1's, ...; an optimizer step is `grad_accum_steps` consecutive global micro-batches.
 
-The oracle is the epoch's order extended by wrapping around: `W[i] = order[i % num_samples]`. Every
-promise below is a statement about which stretch of `W` a run sees; counts are compared as multisets
-of the order (a weighted draw repeats indices; a permutation holds each once). The batch_sampler path
-(a user's batches, dealt whole) has its own property at the end.
+The oracle is the epoch's order itself (the exact tail: no padding, `wrapped` checks nothing is dealt
+past it): every promise below is a statement about which stretch of it a run sees; counts are compared
+as multisets of the order (a weighted draw repeats indices; a permutation holds each once). `deal` also
+checks the loss weights: in every optimizer step each real sample's share of the gradient is 1 / (the
+step's samples). The batch_sampler path (a user's batches, dealt whole, its last step still padded by
+wrapping) has its own property at the end.
 
 Runs are derandomized (the examples follow from each test's source), so CI is deterministic and a
 failure replays by running the file again; Hypothesis also prints the falsifying example and a
@@ -29,12 +31,11 @@ import torch
 from accelerate.data_loader import BatchSamplerShard
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
-from torch.utils.data import BatchSampler, DataLoader, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 
 from dist_train.config import load_config
 from dist_train.data import planned_steps
-from dist_train.data.fastdata import EpochBatchSampler
-from dist_train.data.loaders import EpochSampler, UserBatches, _with_epoch_sampler, epoch_sampler
+from dist_train.data.loaders import EpochSampler, ExactBatches, UserBatches, _with_epoch_sampler, epoch_sampler
 from dist_train.data.user_order import UserOrder
 from dist_train.errors import UserError
 from dist_train.state import TrainState
@@ -88,9 +89,9 @@ class Setup:
 
     @property
     def epoch_samples(self) -> int:
-        """What the epoch should consume, computed here, independently of EpochSampler.epoch_samples."""
-        rounded = math.floor if self.drop_last else math.ceil
-        return rounded(self.num_samples / self.step_samples) * self.step_samples
+        """What the epoch should consume, computed here, independently of EpochSampler.epoch_samples: every
+        draw once (the exact tail), or, with drop_last, whole optimizer steps."""
+        return self.num_samples // self.step_samples * self.step_samples if self.drop_last else self.num_samples
 
     def on(self, batch_size: int, world_size: int, grad_accum_steps: int) -> Setup:
         return dataclasses.replace(self, batch_size=batch_size, world_size=world_size, grad_accum_steps=grad_accum_steps)
@@ -106,7 +107,14 @@ class Setup:
     def sampler(self, offset: int) -> EpochSampler:
         source = UserOrder(self.user_sampler(), self.seed) if self.source else None
         sampler = EpochSampler(
-            self.num_samples, self.seed, self.shuffle, self.micro_batch_samples, self.step_samples, self.drop_last, source=source
+            self.num_samples,
+            self.seed,
+            self.shuffle,
+            self.micro_batch_samples,
+            self.step_samples,
+            self.drop_last,
+            source=source,
+            batch_size=self.batch_size,
         )
         sampler.set_position(self.epoch, offset)
         return sampler
@@ -158,16 +166,20 @@ def ints(batch) -> list[int]:
 
 
 def wrapped(setup: Setup, length: int, order: list[int] | None = None) -> list[int]:
-    """The oracle: the epoch's order, repeated as far as `length` (padding wraps around)."""
+    """The oracle: the epoch's order, as far as `length` (it never wraps around: no padding)."""
     order = order or setup.sampler(0).order().tolist()
-    return [order[i % len(order)] for i in range(length)]
+    assert length <= len(order), "more than the epoch's order: a draw trained twice"
+    return order[:length]
 
 
 def deal(setup: Setup, offset: int, fast: bool = False) -> list[list[list[int]]]:
-    """Each rank's batches from `offset` on, checking promise 5 (no empty batch, len() is what is yielded)."""
+    """Each rank's batches from `offset` on, a stand-in batch (loss weight 0) shown as []; checks promise 5
+    (no empty batch, len() is what is yielded, every rank as many batches) and the weights: in every
+    optimizer step each real sample's share of the gradient (its rank's weight / (its rank's samples x
+    accumulation x ranks): the rank's mean, Accelerate's 1/accumulation, DDP's average) is 1 / (the step's samples)."""
     sampler = setup.sampler(offset)
     assert len(sampler) == len(list(sampler))
-    batch_sampler = EpochBatchSampler(sampler, setup.batch_size) if fast else BatchSampler(sampler, setup.batch_size, drop_last=False)
+    batch_sampler = ExactBatches(sampler, tensors=fast)
     batches = list(batch_sampler)
     assert len(batch_sampler) == len(batches)
     assert all(len(b) > 0 for b in batches), "an empty batch"
@@ -179,8 +191,20 @@ def deal(setup: Setup, offset: int, fast: bool = False) -> list[list[list[int]]]
         got = [ints(b) for b in shard]
         assert len(shard) == len(got)
         assert all(len(b) > 0 for b in got), f"an empty batch on rank {rank}"
-        ranks.append(got)
+        ranks.append([b if sampler.loss_weight(k, rank) else [] for k, b in enumerate(got)])
     assert len({len(got) for got in ranks}) == 1, "ranks take different numbers of batches"
+    accum, world = setup.grad_accum_steps, setup.world_size
+    for first in range(0, len(ranks[0]), accum):
+        step = [(k, rank) for k in range(first, min(first + accum, len(ranks[0]))) for rank in range(world)]
+        in_step = sum(len(ranks[rank][k]) for k, rank in step)
+        for k, rank in step:
+            weight, mine = sampler.loss_weight(k, rank), len(ranks[rank][k])
+            assert math.isclose(weight * in_step, accum * world * mine), (k, rank, weight, mine, in_step)
+        sizes = [len(ranks[rank][step[-1][0]]) for rank in range(world)]
+        some = [size for size in sizes if size]
+        assert sizes == sorted(sizes, reverse=True) and max(some) - min(some) <= 1, "the last micro-batch not split evenly"
+        if sum(sizes) < setup.micro_batch_samples:  # the epoch's short last micro-batch
+            assert min(some) >= min(2, sum(sizes)) and (len(some) == world or sum(sizes) < 2 * world), "a rank with 1, or idle"
     return ranks
 
 
@@ -212,10 +236,11 @@ def within(part: list[int], whole: list[int]) -> bool:
 def test_an_epoch_is_whole_optimizer_steps(setup):
     assume(setup.epoch_samples > 0)  # drop_last with fewer samples than one step: refused at build time
     ranks = deal(setup, 0)
-    assert all(len(b) == setup.batch_size for batches in ranks for b in batches)
+    assert all(len(b) == setup.batch_size for batches in ranks for b in batches[:-1])  # only the last may be short
     micro = global_micro_batches(ranks)
     steps = optimizer_steps(micro, setup.grad_accum_steps)
-    assert [len(step) for step in steps] == [setup.step_samples] * (setup.epoch_samples // setup.step_samples)
+    whole, tail = divmod(setup.epoch_samples, setup.step_samples)
+    assert [len(step) for step in steps] == [setup.step_samples] * whole + ([tail] if tail else [])
     samples = seen(micro)
     assert samples == wrapped(setup, setup.epoch_samples)  # the order itself, from offset 0
     order = setup.sampler(0).order().tolist()
@@ -227,8 +252,7 @@ def test_an_epoch_is_whole_optimizer_steps(setup):
         assert within(samples, order)  # no draw twice
         assert len(samples) == (setup.num_samples // setup.step_samples) * setup.step_samples
     else:
-        assert within(order, samples)  # every draw
-        assert 0 <= len(samples) - setup.num_samples < setup.step_samples  # the padding
+        assert samples == order  # every draw, once
 
 
 def test_drop_last_that_drops_everything_is_refused_at_build_time(tmp_path):
@@ -303,7 +327,7 @@ def test_a_resume_at_every_step_boundary_continues_the_epoch(setup, salt, fast):
             combined = before + after
             # The resumed run continues the same order: what is seen is a stretch of W from its start.
             assert combined == wrapped(setup, len(combined), order)
-            assert len(after) % resumed.micro_batch_samples == 0
+            assert setup.drop_last or combined == order
             steps = optimizer_steps(micro, resumed.grad_accum_steps)
             assert all(len(step) == resumed.step_samples for step in steps[:-1])
             if resumed.step_samples == setup.step_samples:  # the same size of step: bitwise the same epoch
@@ -313,12 +337,8 @@ def test_a_resume_at_every_step_boundary_continues_the_epoch(setup, salt, fast):
                 assert within(combined, order)  # none seen twice
                 assert setup.num_samples - len(combined) < max(setup.step_samples, resumed.step_samples)
             else:
-                # No draw lost: what the resumed run still had to deal, it dealt.
-                missing = Counter(order) - Counter(before)
-                assert not (missing - Counter(after))
-                assert within(order, combined)
-                # None seen twice apart from the padding of one of the two runs.
-                assert len(combined) - setup.num_samples < max(setup.step_samples, resumed.step_samples)
+                # No draw lost and none twice: what the resumed run still had to deal, it dealt, once.
+                assert Counter(order) - Counter(before) == Counter(after)
 
 
 BASE_CONFIG = load_config(None)
@@ -362,11 +382,11 @@ def test_a_resume_with_another_step_plans_every_remaining_epoch(setup, salt, lat
     assert order == setup.sampler(0).order().tolist()  # planning moved no sampler
 
 
-def test_after_a_resize_every_optimizer_step_is_whole():
+def test_after_a_resize_the_last_step_holds_the_rest_once():
     setup = Setup(num_samples=2, seed=0, shuffle=False, drop_last=False, epoch=0, batch_size=1, world_size=1, grad_accum_steps=1)
     resumed = setup.on(1, 1, 2)
     steps = optimizer_steps(global_micro_batches(deal(resumed, 1)), resumed.grad_accum_steps)
-    assert steps and all(len(step) == resumed.step_samples for step in steps), steps
+    assert steps == [[1]]  # the one sample left, alone, at its full weight
 
 
 # ---- regression: a checkpoint at the very end of an epoch's data deals nothing, not an empty batch ----
@@ -388,7 +408,7 @@ def test_resume_at_the_end_of_the_epoch_yields_no_batch(setup, past):
     offset = setup.epoch_samples + past * setup.micro_batch_samples
     sampler = setup.sampler(offset)
     assert len(sampler) == 0 and list(sampler) == []
-    for batch_sampler in (EpochBatchSampler(sampler, setup.batch_size), BatchSampler(sampler, setup.batch_size, drop_last=False)):
+    for batch_sampler in (ExactBatches(sampler, True), ExactBatches(sampler, False)):
         assert list(batch_sampler) == [] and len(batch_sampler) == 0
         for rank in range(setup.world_size):
             shard = BatchSamplerShard(batch_sampler, setup.world_size, rank, split_batches=False, even_batches=True)
@@ -407,7 +427,7 @@ def test_resume_at_the_end_of_the_epoch_through_the_built_loader(tmp_path, path)
     cfg = load_config(None, seed=7, batch_size=8, grad_accum_steps=2, output_dir=str(tmp_path))
     loader = _with_epoch_sampler(DataLoader(dataset, batch_size=8, shuffle=True), cfg, 1)
     sampler = epoch_sampler(loader)
-    assert sampler.epoch_samples == 112  # 101 padded to 7 steps of 16
+    assert sampler.epoch_samples == 101  # every sample once: 6 steps of 16 and one of 5
     sampler.set_position(1, sampler.epoch_samples)
     assert list(loader) == [] and len(loader) == 0
 

@@ -103,9 +103,11 @@ def get_dataloader(cfg, train):
 
 
 def log_ids(module, x):
-    if module.training and os.environ.get("IDS_DIR"):
+    """One line per training micro-batch; an empty one for a stand-in (eval mode, with gradients: a rank with no
+    sample in an epoch's short last step), so that line k is micro-batch k on every rank."""
+    if os.environ.get("IDS_DIR") and (module.training or torch.is_grad_enabled()):
         with open(os.path.join(os.environ["IDS_DIR"], "rank" + os.environ.get("RANK", "0") + ".txt"), "a") as f:
-            f.write(" ".join(str(int(i)) for i in x[:, -1].tolist()) + "\\n")
+            f.write((" ".join(str(int(i)) for i in x[:, -1].tolist()) if module.training else "") + "\\n")
 
 
 class BNDropout(nn.Module):
@@ -169,8 +171,13 @@ class Setup:
         return math.ceil(self.train_size / self.step_samples)
 
     @property
-    def epoch_samples(self) -> int:  # the epoch padded to whole optimizer steps (dist_train/data/loaders.py)
-        return self.steps_per_epoch * self.step_samples
+    def epoch_samples(self) -> int:  # every sample once, the last step short (dist_train/data/loaders.py)
+        return self.train_size
+
+    def micro_batches_before(self, step: int) -> int:
+        """Micro-batches (lines of a rank's id log) before optimizer step `step`: an epoch's short last step has fewer."""
+        epoch, into = divmod(step, self.steps_per_epoch)
+        return epoch * math.ceil(self.train_size / self.micro_batch_samples) + into * self.grad_accum_steps
 
     @property
     def total_steps(self) -> int:
@@ -370,11 +377,9 @@ def assert_bitwise(got: dict, want: dict) -> None:
         raise NotBitwise(f"not bitwise equal (max abs difference per tensor): {differ}")
 
 
-def assert_once_plus_padding(epoch: list[int], train_size: int, step_samples: int) -> None:
-    """Each id once, then the documented padding: the epoch's first samples again, to whole steps."""
-    assert sorted(epoch[:train_size]) == list(range(train_size)), "an id missing or seen twice"
-    assert len(epoch) % step_samples == 0 and len(epoch) - train_size < step_samples
-    assert epoch[train_size:] == epoch[: len(epoch) - train_size], "the padding is not the epoch's first samples"
+def assert_each_id_once(epoch: list[int], train_size: int, step_samples: int) -> None:
+    """Each id once, nothing more: no padding (the exact tail)."""
+    assert sorted(epoch) == list(range(train_size)), "an id missing or seen twice"
 
 
 def exact_val(module, setup: Setup, weights: dict) -> tuple[float, float]:
@@ -408,7 +413,7 @@ def test_uninterrupted_run_deals_every_epoch_once(runs, i):
     assert len(sequence) == setup.epochs * setup.epoch_samples
     epochs = [sequence[e * setup.epoch_samples : (e + 1) * setup.epoch_samples] for e in range(setup.epochs)]
     for epoch in epochs:
-        assert_once_plus_padding(epoch, setup.train_size, setup.step_samples)
+        assert_each_id_once(epoch, setup.train_size, setup.step_samples)
         if not setup.shuffle:
             assert epoch[: setup.train_size] == list(range(setup.train_size))
     if setup.shuffle:
@@ -433,7 +438,7 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(runs, i, k, what):
         epoch, into = divmod(k, setup.steps_per_epoch)
         assert f"at optimizer step {k} (epoch {epoch}, {into * setup.step_samples} samples into it" in resumed.stdout
         # It trains on exactly the rest of what the uninterrupted run trained on, in the same micro-batches.
-        micro_steps = k * setup.grad_accum_steps
+        micro_steps = setup.micro_batches_before(k)
         assert resumed.ids == {rank: batches[micro_steps:] for rank, batches in reference.ids.items()}
     assert_bitwise(load_weights(resumed.out), load_weights(reference.out))
     # The validations after the resume report the same values as the uninterrupted run's (train_loss within
@@ -529,14 +534,12 @@ def test_a_resume_with_another_step_trains_each_remaining_epoch_once(runs, case)
         assert "the run's length is recomputed" not in resumed.stdout
     before = reference.sequence()[epoch * setup.epoch_samples : epoch * setup.epoch_samples + consumed]
     after = resumed.sequence()
-    interrupted = before + after[: rest * new.step_samples]
-    assert sorted(interrupted[: setup.train_size]) == list(range(setup.train_size)), "an id missing or seen twice"
-    padding = len(interrupted) - setup.train_size
-    assert 0 <= padding < new.step_samples and interrupted[setup.train_size :] == interrupted[:padding]
-    later = after[rest * new.step_samples :]
+    interrupted = before + after[: setup.train_size - consumed]
+    assert_each_id_once(interrupted, setup.train_size, new.step_samples)
+    later = after[setup.train_size - consumed :]
     assert len(later) == (setup.epochs - epoch - 1) * new.epoch_samples
     for e in range(setup.epochs - epoch - 1):
-        assert_once_plus_padding(later[e * new.epoch_samples : (e + 1) * new.epoch_samples], setup.train_size, new.step_samples)
+        assert_each_id_once(later[e * new.epoch_samples : (e + 1) * new.epoch_samples], setup.train_size, new.step_samples)
     steps = [r for r in read_metrics(resumed.out) if "val_loss" not in r]
     assert [r["step"] for r in steps] == list(range(k + 1, total + 1))  # its own output_dir: from the resume on
     assert [r["lr"] for r in steps] == pytest.approx([setup.lr * (1 - s / total) for s in range(k, total)])
@@ -610,7 +613,7 @@ def test_resume_on_another_world_size_continues_the_epoch(runs, tmp_path, i, n):
     before = saved.sequence()[epoch * setup.epoch_samples : epoch * setup.epoch_samples + consumed]
     after = resumed.sequence()
     rest = setup.epoch_samples - consumed
-    assert_once_plus_padding(before + after[:rest], setup.train_size, setup.step_samples)
+    assert_each_id_once(before + after[:rest], setup.train_size, setup.step_samples)
     assert after == saved.sequence()[epoch * setup.epoch_samples + consumed :]  # and then the same later epochs
     assert val_records(resumed.out)[-1]["num_processes"] == n
 
@@ -625,7 +628,7 @@ def test_resume_on_three_ranks_is_bitwise(runs, tmp_path, i):
     resumed = runs.get(f"W{i}-3to3-from{k}", _on_ranks(setup, 3), f"resume={checkpoint(saved, k)}", out=tmp_path / "resumed")
     epoch, into = divmod(k, setup.steps_per_epoch)
     assert f"at optimizer step {k} (epoch {epoch}, {into * setup.step_samples} samples into it)" in resumed.stdout
-    assert resumed.ids == {rank: batches[k * setup.grad_accum_steps :] for rank, batches in saved.ids.items()}
+    assert resumed.ids == {rank: batches[setup.micro_batches_before(k) :] for rank, batches in saved.ids.items()}
     assert_weights_equal(resumed.out, saved.out, exact=False)
     assert_bitwise(load_weights(resumed.out), load_weights(saved.out))
 

@@ -135,10 +135,14 @@ class MetricsLogger:
         finally:
             self._untimed_s += time.perf_counter() - start
 
-    def observe(self, loss: torch.Tensor, inputs) -> None:
-        """Account one micro-batch (on this rank); no host sync."""
+    def observe(self, loss: torch.Tensor, inputs, stand_in: bool = False) -> None:
+        """Account one micro-batch (on this rank); no host sync. Every rank counts every micro-batch (the means
+        are reduced over the ranks): a stand-in (a rank with no sample in an epoch's short last step) adds its
+        zero loss, and no samples."""
         self._interval_loss.add(loss)
         self._eval_loss.add(loss)
+        if stand_in:
+            return
         self._samples += batch_size_of(inputs, None)
         tokens = real_tokens(inputs)  # padding left out where an attention mask says so; a device tensor then
         if tokens is not None:

@@ -12,7 +12,7 @@
 
 from .batch_size import fit_batch_size
 from .batches import batch_size_of, call_model, real_tokens, split_batch, token_ids
-from .loaders import build_loaders, eval_loader, prepare_loaders, split_if_stream, train_position
+from .loaders import build_loaders, eval_loader, loss_weight, prepare_loaders, split_if_stream, train_position
 from .run_length import planned_steps, replanned
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "call_model",
     "eval_loader",
     "fit_batch_size",
+    "loss_weight",
     "planned_steps",
     "prepare_loaders",
     "real_tokens",

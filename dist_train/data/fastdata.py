@@ -8,24 +8,20 @@ instead. Another dataset opts in by exposing the same `tensors` tuple and declar
 that overrides `__getitem__` without saying so keeps the per-sample path, which may transform samples.
 It keeps the sampling semantics exactly:
 
-- `EpochBatchSampler` cuts the very order `EpochSampler` yields (dist_train's permutation or the user's
-  sampler drawn for the epoch, offset, padding) into index tensors of `batch_size`, the batches a
-  `BatchSampler` over that sampler would make; a user's batch_sampler keeps its own batches
-  (`data.UserBatches`), which `__getitems__` takes as they are;
+- `loaders.ExactBatches` cuts the very order `EpochSampler` yields (dist_train's permutation or the user's
+  sampler drawn for the epoch, from its offset) into index tensors, the batches it gives the regular
+  path as lists; a user's batch_sampler keeps its own batches (`loaders.UserBatches`), which
+  `__getitems__` takes as they are;
 - Accelerate's `prepare` wraps it like any batch sampler (`BatchSamplerShard` deals whole batches
-  round-robin to the ranks), and `set_position` on the inner `EpochSampler` still resumes mid-epoch
-  (after a resume with another global batch size the batches are lists, see `EpochBatchSampler`);
+  round-robin to the ranks), and `set_position` on the inner `EpochSampler` still resumes mid-epoch;
 - `TensorBatches.__getitems__` (the hook `DataLoader` calls with a whole batch of indices) returns
   `[t[indices] for t in tensors]`, the same list `default_collate` makes from the samples.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
-
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
 
@@ -81,32 +77,3 @@ class TensorBatches(Dataset):
 def already_batched(batch):
     """The collate of the fast path: `__getitems__` has built the batch already."""
     return batch
-
-
-class EpochBatchSampler(Sampler[torch.Tensor]):
-    """`sampler`'s order in index tensors of `batch_size`; never an empty batch.
-
-    The EpochSampler has already cut the epoch to whole optimizer steps (padding or dropping its tail),
-    so every batch is full except after a resume with another global batch size.
-    """
-
-    def __init__(self, sampler, batch_size: int):
-        self.sampler = sampler  # an EpochSampler; `epoch_sampler()` finds it here after prepare
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
-
-    def __iter__(self) -> Iterator[torch.Tensor | list[int]]:
-        indices = self.sampler.indices()
-        if len(indices) == 0:  # resumed exactly at the end of the epoch's data: nothing left to yield
-            return iter(())
-        if len(indices) % self.sampler.micro_batch_samples == 0:
-            batches = indices.split(self.batch_size)
-        else:
-            # Only after a resume at an offset that is not a whole global batch of this run (the global
-            # batch size changed): Accelerate then completes the last round of batches from the epoch's
-            # first indices, list arithmetic that needs lists, as a BatchSampler yields them.
-            indices = indices.tolist()
-            batches = [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
-        return iter(batches)

@@ -27,11 +27,18 @@ Which order:
   (streams.py); one already split per rank is read by each rank, its own part, and not split again
   (training and validation alike: `prepare_loaders`).
 
-The epoch is cut into whole optimizer steps of `batch_size x world_size x grad_accum_steps` samples
-(`world_size x grad_accum_steps` batches on the batch_sampler path): the last, partial step is
-completed with the epoch's first samples (as `DistributedSampler` pads), or dropped when the user's
-DataLoader says `drop_last=True`. So every optimizer step averages the same number of samples, and
-4 micro-batches of b are the one batch of 4b, for any dataset size.
+The exact tail (map-style data without a batch_sampler): every sample once per epoch. The epoch is cut
+into optimizer steps of `batch_size x world_size x grad_accum_steps` samples, and its last step holds
+what is left: its last global micro-batch split over the ranks as evenly as possible, at least 2 samples on
+a rank that gets any (`share`, `ExactBatches`),
+each rank's mean loss weighted by its share of the step's samples (`EpochSampler.loss_weight`), so that
+DDP's average over the ranks and Accelerate's over the accumulation are the exact mean over the step's
+real samples. A rank with no sample left gets a stand-in batch the loop runs in eval mode with weight 0:
+DDP needs every rank in the reduction; its gradient is zero and its buffers untouched. (Padding, what
+`DistributedSampler` and Accelerate's `even_batches` do, would train the epoch's first samples twice, and
+one process would not be the user's own loop over their DataLoader.) `drop_last=True` drops the partial step.
+On the batch_sampler path the epoch is still cut into whole steps of `world_size x grad_accum_steps`
+batches, the last completed with the draw's first batches.
 """
 
 from __future__ import annotations
@@ -47,20 +54,20 @@ from ..config import Config
 from ..errors import UserError
 from ..plugins import check_call, resolve
 from .eval_order import fixed_order
-from .fastdata import EpochBatchSampler, TensorBatches, already_batched, can_use_fast_path, dataset_tensors
+from .fastdata import TensorBatches, already_batched, can_use_fast_path, dataset_tensors
 from .streams import StreamBatches, split_by_rank, stream_loader
 from .user_order import UserOrder, epoch_seed
 
 
 class EpochSampler(Sampler[int]):
-    """Yields `order(seed, epoch)[start:]`, cut to whole optimizer steps.
+    """Yields `order(seed, epoch)[start:]`: to its end (the exact tail, given `batch_size`), or cut to whole
+    optimizer steps.
 
     The order is dist_train's permutation of `num_samples` (or `range(num_samples)` without `shuffle`),
     or, given a `source`, the user's sampler drawn for the epoch (`UserOrder`; then `num_samples` is the
-    draw's length). `step_samples` (batch x ranks x accumulation) is the unit: the epoch's tail is padded
-    by wrapping (the order's first samples again) or, with `drop_last`, dropped. Padding keeps every
-    rank's batches full, so DDP never waits on a rank with nothing left, and keeps the last optimizer
-    step as large as the others.
+    draw's length). `step_samples` (batch x ranks x accumulation) is the unit of the cut: with `drop_last`
+    the partial last step is dropped; without the exact tail it is padded by wrapping (the order's first
+    samples again).
 
     On the batch_sampler path the order is of the user's batches (`UserBatches`), the sizes count
     batches, and `unit_samples` (the loop's `batch_size`) converts the loop's `samples_consumed`.
@@ -76,8 +83,13 @@ class EpochSampler(Sampler[int]):
         drop_last: bool = False,
         source: UserOrder | None = None,
         unit_samples: int = 1,
+        batch_size: int | None = None,
     ):
         self._num_samples = num_samples
+        # The per-process batch when the epoch's tail is exact (the map-style path without a batch_sampler): the
+        # epoch is not padded, its last global micro-batch is split evenly over the ranks (ExactBatches) and
+        # `loss_weight` makes the short last step the exact mean. None: padded to whole steps (the batch_sampler path).
+        self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
         self.source = source
@@ -115,8 +127,14 @@ class EpochSampler(Sampler[int]):
         optimizer steps. Counted from `start`, so that after a resume with another step size too, every
         step but none is short."""
         rest = max(self.num_samples - self.start, 0)
+        if self.exact_tail and not self.drop_last:
+            return self.start + rest  # every sample once; the last step may be short
         steps = rest // self.step_samples if self.drop_last else math.ceil(rest / self.step_samples)
         return self.start + steps * self.step_samples
+
+    @property
+    def exact_tail(self) -> bool:
+        return self.batch_size is not None
 
     def order(self) -> torch.Tensor:
         if self.source is not None:
@@ -134,9 +152,28 @@ class EpochSampler(Sampler[int]):
         saved = self.epoch, self.start
         self.epoch, self.start = epoch, samples_consumed // self.unit_samples
         try:
-            return len(self) // self.step_samples
+            return math.ceil(len(self) / self.step_samples)
         finally:
             self.epoch, self.start = saved
+
+    def loss_weight(self, micro_batch: int, rank: int) -> float:
+        """The factor on rank `rank`'s mean loss in micro-batch `micro_batch` of this iteration (counted from
+        `start`): 1, except in a short last step, where it is `world x accumulation x (rank's samples) / (step's
+        samples)`, so that DDP's average over the ranks of Accelerate's 1/accumulation-scaled losses is the exact
+        mean over the step's real samples; 0 for a rank with none (ExactBatches gives it a stand-in batch)."""
+        if not self.exact_tail:
+            return 1.0
+        left = len(self) - (micro_batch // self.accumulation) * self.step_samples
+        if left >= self.step_samples:
+            return 1.0
+        world = self.micro_batch_samples // self.batch_size
+        in_micro = len(self) - micro_batch * self.micro_batch_samples
+        mine = self.batch_size if in_micro >= self.micro_batch_samples else share(in_micro, world, rank)  # as ExactBatches cuts
+        return world * self.accumulation * mine / left
+
+    @property
+    def accumulation(self) -> int:
+        return self.step_samples // self.micro_batch_samples
 
     def indices(self) -> torch.Tensor:
         """This iteration's sample indices, as one tensor (the fast data path cuts batches from it)."""
@@ -148,6 +185,50 @@ class EpochSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices().tolist())
+
+
+def share(samples: int, world_size: int, rank: int) -> int:
+    """Rank `rank`'s part of `samples` split over the ranks as evenly as possible, the first ranks taking one more,
+    but at least 2 on a rank that gets any (BatchNorm in training has no statistics of one sample; the user's own
+    loop would not make a batch of 1 either, unless one sample is all there is): contiguous parts in rank order,
+    so that N ranks train one rank's global micro-batch."""
+    ranks = min(world_size, max(samples // 2, 1))
+    return samples // ranks + (rank < samples % ranks) if rank < ranks else 0
+
+
+class ExactBatches(Sampler):
+    """The exact tail's batches: `sampler`'s order in batches of `batch_size`, dealt round-robin by Accelerate
+    (`BatchSamplerShard`), except the epoch's last global micro-batch, which is split over the ranks as evenly as
+    possible (`share`). A rank whose part is empty gets a stand-in batch (real samples of the epoch) that the
+    loop runs in eval mode with loss weight 0 (`EpochSampler.loss_weight`): a zero gradient for DDP's reduction,
+    its buffers (BatchNorm statistics) untouched, nothing trained twice.
+
+    `batch_size = None` tells `BatchSamplerShard` the batches differ in size: it deals them whole, and as their
+    number is a multiple of the processes it never completes a round. Index tensors on the fast path (`tensors`),
+    lists of ints for a DataLoader that calls the dataset per sample.
+    """
+
+    batch_size = None
+    drop_last = False
+
+    def __init__(self, sampler: EpochSampler, tensors: bool):
+        self.sampler = sampler  # `epoch_sampler()` finds it here after prepare
+        self.tensors = tensors
+        self.per_process = sampler.batch_size
+        self.world_size = sampler.micro_batch_samples // sampler.batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.sampler) / self.sampler.micro_batch_samples) * self.world_size
+
+    def __iter__(self) -> Iterator:
+        indices = self.sampler.indices()
+        whole = len(indices) - len(indices) % self.sampler.micro_batch_samples
+        batches = list(indices[:whole].split(self.per_process)) if whole else []  # (an empty tensor splits into one empty part)
+        tail = indices[whole:]
+        if len(tail):
+            parts = tail.split([share(len(tail), self.world_size, rank) for rank in range(self.world_size)])
+            batches += [part if len(part) else indices[: self.per_process] for part in parts]
+        return iter(batches if self.tensors else [batch.tolist() for batch in batches])
 
 
 class UserBatches(Sampler[list[int]]):
@@ -229,6 +310,7 @@ def _with_epoch_sampler(loader: DataLoader, cfg: Config, world_size: int) -> Dat
         micro_batch_samples * cfg.grad_accum_steps,
         loader.drop_last,
         source=source,
+        batch_size=loader.batch_size,
     )
     sampler.dataset_length = len(loader.dataset)
     if sampler.epoch_samples == 0:
@@ -264,15 +346,15 @@ def _rebuilt(loader: DataLoader, cfg: Config, sampler: EpochSampler, batch_sampl
     """The user's loader, its order now `sampler`'s (batched by `batch_sampler` on the batch_sampler path)."""
     # On a GPU, pinned batches let Accelerate copy them to the device without blocking (non_blocking=True).
     pin_memory = loader.pin_memory or (torch.cuda.is_available() and not cfg.cpu)
-    if can_use_fast_path(loader):
+    fast = can_use_fast_path(loader)
+    batch_sampler = batch_sampler or ExactBatches(sampler, tensors=fast)
+    if fast:
         # Tensors in memory: one index_select per tensor per batch, same order (see fastdata.py).
-        batches = batch_sampler or EpochBatchSampler(sampler, loader.batch_size)
         dataset = TensorBatches(dataset_tensors(loader.dataset), pin_memory=pin_memory)  # gathers into pinned memory itself
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=already_batched, generator=sampler.loader_generator)
-    batching = {"batch_sampler": batch_sampler} if batch_sampler else {"batch_size": loader.batch_size, "sampler": sampler}
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=already_batched, generator=sampler.loader_generator)
     return DataLoader(
         loader.dataset,
-        **batching,
+        batch_sampler=batch_sampler,
         num_workers=loader.num_workers,
         collate_fn=loader.collate_fn,
         pin_memory=pin_memory,
@@ -365,6 +447,12 @@ def epoch_sampler(loader) -> EpochSampler | None:
             return sampler
         batch_sampler = getattr(batch_sampler, "batch_sampler", None)
     return None
+
+
+def loss_weight(position, micro_batch: int, rank: int) -> float:
+    """The factor on this rank's loss in micro-batch `micro_batch` of the epoch's iteration: 1, but in the short
+    last step of an epoch with an exact tail (`EpochSampler.loss_weight`; 0 for a stand-in batch)."""
+    return position.loss_weight(micro_batch, rank) if isinstance(position, EpochSampler) else 1.0
 
 
 def train_position(loader) -> EpochSampler | StreamBatches | None:
