@@ -156,3 +156,9 @@ def real_tokens(inputs) -> torch.Tensor | int | None:
     if isinstance(mask, torch.Tensor) and mask.shape == ids.shape:
         return mask.sum()
     return ids.numel()
+
+
+def worker_settings(loader) -> dict:
+    """How the user's DataLoader loads (workers, collate, pinning), for a loader dist_train rebuilds over another order."""
+    names = ("num_workers", "collate_fn", "pin_memory", "timeout", "worker_init_fn", "persistent_workers", "prefetch_factor")
+    return {name: getattr(loader, name) for name in names}

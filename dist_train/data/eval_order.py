@@ -22,6 +22,7 @@ import hashlib
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler, Subset
 
 from ..errors import UserError
+from .batches import worker_settings
 
 
 def fixed_order(loader: DataLoader, what: str) -> DataLoader:
@@ -42,13 +43,7 @@ def fixed_order(loader: DataLoader, what: str) -> DataLoader:
     return DataLoader(
         Subset(loader.dataset, draw),
         batch_size=loader.batch_size,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        persistent_workers=loader.persistent_workers,
-        prefetch_factor=loader.prefetch_factor,
+        **worker_settings(loader),
     )
 
 
@@ -63,13 +58,7 @@ def _dealt_batches(loader: DataLoader, what: str) -> DataLoader:
     own = DataLoader(
         loader.dataset,
         batch_sampler=batches[state.process_index :: state.num_processes],
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        persistent_workers=loader.persistent_workers,
-        prefetch_factor=loader.prefetch_factor,
+        **worker_settings(loader),
     )
     own.per_rank = True
     return own

@@ -53,6 +53,7 @@ from ..accelerate_internals import seed_dispatched_workers
 from ..config import Config
 from ..errors import UserError
 from ..plugins import check_call, resolve
+from .batches import worker_settings
 from .eval_order import fixed_order
 from .fastdata import TensorBatches, already_batched, can_use_fast_path, dataset_tensors
 from .streams import StreamBatches, split_by_rank, stream_loader
@@ -355,13 +356,7 @@ def _rebuilt(loader: DataLoader, cfg: Config, sampler: EpochSampler, batch_sampl
     return DataLoader(
         loader.dataset,
         batch_sampler=batch_sampler,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=pin_memory,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        persistent_workers=loader.persistent_workers,
-        prefetch_factor=loader.prefetch_factor,
+        **{**worker_settings(loader), "pin_memory": pin_memory},
         generator=sampler.loader_generator,
     )
 

@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from ..config import Config
 from ..errors import UserError
+from .batches import worker_settings
 
 
 def stateful(obj) -> bool:
@@ -299,13 +300,7 @@ def _stateful_loader(loader: DataLoader, cfg: Config) -> DataLoader:
         loader.dataset,
         batch_size=loader.batch_size,
         drop_last=loader.drop_last,
-        num_workers=loader.num_workers,
-        collate_fn=loader.collate_fn,
-        pin_memory=loader.pin_memory,
-        timeout=loader.timeout,
-        worker_init_fn=loader.worker_init_fn,
-        persistent_workers=loader.persistent_workers,
-        prefetch_factor=loader.prefetch_factor,
+        **worker_settings(loader),
     )
 
 
