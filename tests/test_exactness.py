@@ -166,7 +166,12 @@ def test_a_second_run_on_a_busy_output_dir_is_refused(project, tmp_path):
     )
     out = tmp_path / "run"
     args = _auto(seed_project_args(project, out, "epochs=20", "batch_size=16"))
-    slow = [a if not a.startswith("model=") else f"model={project / 'slow_model.py'}:SlowModel" for a in args]
+    # The first run trains far longer than the test waits (epochs=2000): the second must meet it still running
+    # however slow the machine is to start the second (a first run of 20 epochs sometimes ended before).
+    slow = [
+        f"model={project / 'slow_model.py'}:SlowModel" if a.startswith("model=") else "epochs=2000" if a == "epochs=20" else a for a in args
+    ]
+    assert "epochs=2000" in slow
     first = subprocess.Popen(
         cli_command(slow), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )
