@@ -112,6 +112,15 @@ def test_async_checkpoint_benchmark_runs(tmp_path):
     assert "async_checkpoint, stall per checkpoint" in result.stdout and "hang watchdog: median step" in result.stdout
 
 
+def test_fsdp_async_checkpoint_benchmark_runs(tmp_path):
+    """The FSDP2 stall benchmark (bench/RESULTS.md) end to end: 2 gloo processes, a small model; no timing asserted."""
+    args = ("--mib", "4", "--saves", "2", "--steps", "4", "--pairs", "1", "--dir", str(tmp_path))
+    result = _bench(*args, module="bench.fsdp_async_checkpoint")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "FSDP2, 2 gloo processes on CPU" in result.stdout and "async = " in result.stdout
+    assert "every stall (s, the slower rank's): synchronous 0." in result.stdout
+
+
 def test_streaming_benchmark_runs():
     """dist_train against the hand-written loop over the same IterableDataset (bench/RESULTS.md); no timing asserted."""
     result = _bench("--steps", "6", "--window", "2", "--pairs", "1", "--stateful", module="bench.streaming")

@@ -13,15 +13,20 @@ ranks) are made at once, in two waves:
   mid-epoch checkpoint finished (BatchNorm in bf16 does not run on CPU: torch's CPU kernel wants one dtype);
 - resized: `two`'s mid-epoch checkpoint finished on 1 and on 3 ranks, `one`'s on 2;
 - checkpointing_offload: activation checkpointing and CPU offload, 3 steps; async: `async_checkpoint: true`;
-  corrupt: async's checkpoints of steps 6 and 9, one byte of rank 1's shard of step 9 flipped, resumed.
+  corrupt: async's checkpoints of steps 6 and 9, one byte of rank 1's shard of step 9 flipped, resumed;
+  async_killed: async, every process SIGKILLed inside the background write of step 9, then resumed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -30,10 +35,14 @@ from safetensors.torch import load_file
 
 from dist_train import load_model
 from dist_train.accelerate_internals import check_launch_backend
+from dist_train.checkpoint.manager import PAUSE_ENV
+from dist_train.checkpoint.manifest import MANIFEST, verify
 from dist_train.errors import UserError
 from helpers import (
     FSDP_CPU_LAUNCH_CONFIG,
     assert_weights_equal,
+    child_pids,
+    cli_command,
     import_file,
     load_weights,
     read_ids,
@@ -148,9 +157,41 @@ def _continue_from(source: Path, step: int, out: Path) -> None:
     shutil.copytree(source / "checkpoints" / name, out / "checkpoints" / name)
 
 
+def _killed_in_background_write(project: Path, root: Path) -> dict:
+    """`async` again, every process SIGKILLed (as a lost node: the ranks, then the launcher) inside the background
+    write of step 9: every rank's shards written and hashed, the manifest not yet (the main process's writer paused
+    there by PAUSE_ENV), training going on meanwhile. What the output folder holds then, and after."""
+    call, marker = _call(project, root, "async_killed", 2, "batch_size=8", "async_checkpoint=true"), root / "paused"
+    checkpoints, log = root / "async_killed" / "checkpoints", root / "async_killed.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **call["env"], PAUSE_ENV: f"9:{marker}"}
+    with open(log, "w") as output:
+        launcher = subprocess.Popen(
+            cli_command(call["args"], 2, launch_config=call["launch_config"]), env=env, stdout=output, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 280
+        while not marker.exists() and launcher.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), f"the run never reached the write of step 9:\n{log.read_text()[-6000:]}"
+        time.sleep(0.5)  # training goes on meanwhile (until the save of step 12 waits for this write)
+    finally:
+        for pid in child_pids(launcher.pid):  # the ranks first: the launcher's death alone makes them save and stop
+            os.kill(pid, signal.SIGKILL)
+        launcher.kill()
+        launcher.wait()
+    tmp = checkpoints / ".tmp-step_00000009"
+    return {
+        "tmp_files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()),
+        "folders": sorted(p.name for p in checkpoints.iterdir()),
+        "previous": verify(checkpoints / "step_00000006")["step"],  # raises unless every file matches its manifest
+    }
+
+
 @pytest.fixture(scope="module")
 def runs(project, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("fsdp")
+    pool = ThreadPoolExecutor(1)  # async_killed beside the first wave
+    killed_in_write = pool.submit(_killed_in_background_write, project, root)
     first = run_clis(
         _call(project, root, "one", 1, "batch_size=16"),
         _call(project, root, "two", 2, "batch_size=8"),
@@ -178,6 +219,8 @@ def runs(project, tmp_path_factory) -> dict:
     _continue_from(root / "two", 3, root / "two_to_one")
     _continue_from(root / "two", 3, root / "two_to_three")
     _continue_from(root / "one", 3, root / "one_to_two")
+    killed_in_write = killed_in_write.result()
+    pool.shutdown()
     second = run_clis(
         {**_call(project, root, "killed", 2, *FEATURES, "resume=auto", model_args=FEATURE_MODEL), "env": {}},
         _call(project, root, "two_to_one", 1, "batch_size=16", "resume=auto"),
@@ -187,12 +230,14 @@ def runs(project, tmp_path_factory) -> dict:
         _call(project, root, "two_to_three", 3, "batch_size=8", "resume=auto", "max_steps=9"),
         _call(project, root, "batchnorm_resumed", 2, "batch_size=8", *ADAMW, "resume=auto", model_args=BATCHNORM_MODEL),
         _call(project, root, "corrupt", 2, "batch_size=8", "resume=auto"),
+        _call(project, root, "async_killed", 2, "batch_size=8", "async_checkpoint=true", "resume=auto"),
     )
     return {
         "root": root,
         "killed_resumed": second[0],
         "resized": dict(zip(["two_to_one", "one_to_two", "two_to_three"], second[1:4])),
         "corrupt": second[5],
+        "killed_in_write": {**killed_in_write, "resumed": second[6]},
     }
 
 
@@ -325,6 +370,22 @@ def test_each_rank_hashes_its_shards_and_a_corrupt_one_of_rank_1_is_skipped(runs
     )
     assert "resumed from" in result.stdout and "step_00000006 at optimizer step 6" in result.stdout
     assert_weights_equal(root / "corrupt", root / "two")  # the same run, from the async run's step 6
+
+
+def test_sigkill_during_a_background_sharded_write_keeps_the_previous_checkpoint(runs):
+    """async_checkpoint under FSDP2, every process SIGKILLed while step 9 is written in the background (each rank's
+    shards on disk, no manifest): step 6 stays intact and verified, the half-written step 9 is never resumed, and
+    the rerun with resume: auto is the uninterrupted run, bitwise."""
+    root, seen = runs["root"], runs["killed_in_write"]
+    shards = [f"{part}/__{r}_0.distcp" for part in ("optimizer_0", "pytorch_model_fsdp_0") for r in (0, 1)]
+    assert set(shards) <= set(seen["tmp_files"]) and MANIFEST not in seen["tmp_files"], seen["tmp_files"]
+    assert seen["folders"] == [".tmp-step_00000009", "step_00000003", "step_00000006"] and seen["previous"] == 6
+    resumed = seen["resumed"]
+    assert "resume: auto skips incomplete checkpoint" in resumed.stderr and ".tmp-step_00000009" in resumed.stderr
+    assert "resumed from" in resumed.stdout and "step_00000006 at optimizer step 6" in resumed.stdout
+    assert_weights_equal(root / "async_killed", root / "two")
+    assert [r["val_loss"] for r in val_records(root / "async_killed")] == [r["val_loss"] for r in val_records(root / "two")]
+    assert verify(root / "async_killed" / "checkpoints" / "step_00000009")["step"] == 9  # written again, whole
 
 
 def test_export_gathers_one_safetensors_that_load_model_loads_without_a_launcher(project, runs, tmp_path):

@@ -25,6 +25,7 @@ import torch
 from helpers import (
     REPO,
     SLOW_MODEL,
+    child_pids,
     cli_command,
     load_weights,
     read_metrics,
@@ -54,22 +55,8 @@ def _slow_args(project: Path, out: Path, delay_s: float, *extra: str) -> list[st
     ]
 
 
-def _children(pid: int) -> list[int]:
-    """The worker processes the launcher `pid` started (its direct children), from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
 def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
-    for pid in _children(launcher.pid):
+    for pid in child_pids(launcher.pid):
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
@@ -361,7 +348,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 
 def _adopted(marker: Path) -> list[int]:
     """This process's children whose command line names `marker` (a run's folder)."""
-    return [pid for pid in _children(os.getpid()) if str(marker).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return [pid for pid in child_pids(os.getpid()) if str(marker).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
 def _reap(pids: list[int], timeout_s: float) -> dict[int, int | None]:
@@ -421,7 +408,7 @@ def test_a_dead_launcher_stops_its_workers_and_the_rerun_resumes_bitwise(project
         for name, launcher in launchers.items():
             _wait_for_training(tmp_path / name, launcher)
         for name, launcher in launchers.items():  # both mid-run
-            workers[name] = _children(launcher.pid)
+            workers[name] = child_pids(launcher.pid)
             os.killpg(launcher.pid, signal.SIGKILL)
             if name in readers:
                 readers[name].kill()

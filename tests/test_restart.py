@@ -279,8 +279,8 @@ def test_the_group_gets_the_collective_timeout_after_the_first_optimizer_step(tm
 
 def test_the_restart_ledger_names_the_culprit_and_refuses_the_same_failure_twice(tmp_path, monkeypatch, capsys):
     """The main process's entry at each start, from the ranks' failure records (in-process)."""
-    from dist_train.faults import restarts
     from dist_train.config import load_config
+    from dist_train.faults import restarts
 
     cfg = load_config(None, [f"output_dir={tmp_path}"])
     monkeypatch.setenv("WORLD_SIZE", "2")
