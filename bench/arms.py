@@ -41,7 +41,7 @@ def num_train_samples(workload: str, steps: int, world_size: int = 1, batch_size
 
 
 def epoch0_shuffle_seed(seed: int) -> int:
-    """The generator seed of dist_train's epoch-0 permutation (`dist_train.data.loaders.EpochSampler.order`).
+    """The generator seed of dist_train's epoch-0 permutation (`dist_train.data.epoch.EpochSampler.order`).
 
     Given to the seed loop's `DataLoader`, its `RandomSampler` draws the same `randperm`, so both arms see
     the same batches; the equivalence test in tests/test_bench.py fails if dist_train's order changes."""

@@ -50,12 +50,12 @@ from .data import (
     build_loaders,
     call_model,
     fit_batch_size,
-    loss_weight,
     planned_steps,
     prepare_loaders,
     replanned,
     split_batch,
     train_position,
+    weighed,
 )
 from .errors import UserError
 from .evaluation import Validator
@@ -229,9 +229,9 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
             sampler.set_position(state.epoch, state.samples_consumed)
         step_loss = torch.zeros((), device=accelerator.device)
         for batch_index, batch in enumerate(train_loader):
+            # weight: 1, but where a step's batches are not all full: this rank's share of its samples (data/epoch.py).
+            batch, weight = weighed(sampler, batch, batch_index, accelerator.process_index)
             inputs, targets = split_batch(batch, cfg.data, loss_fn.model_computes)
-            # 1, but in an epoch's short last step: this rank's share of the step's samples (data/loaders.py).
-            weight = loss_weight(sampler, batch_index, accelerator.process_index)
             with accelerator.accumulate(model):
                 guard.before_forward()
                 watchdog.at("forward")  # progress marks: a hang names the rank and phase (watchdog.py)
@@ -245,7 +245,7 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
                 if not weight:
                     model.train()
                 unused.after_backward()
-                metrics.observe(loss if weight else loss * 0, inputs, stand_in=not weight)  # every rank: its sums are reduced together
+                metrics.observe(loss, inputs, weight)  # every rank: its sums are reduced together
                 step_loss += loss.detach()
                 state.samples_consumed += micro_batch_samples
                 if accelerator.sync_gradients:

@@ -11,8 +11,8 @@ The oracle is the epoch's order itself (the exact tail: no padding, `wrapped` ch
 past it): every promise below is a statement about which stretch of it a run sees; counts are compared
 as multisets of the order (a weighted draw repeats indices; a permutation holds each once). `deal` also
 checks the loss weights: in every optimizer step each real sample's share of the gradient is 1 / (the
-step's samples). The batch_sampler path (a user's batches, dealt whole, its last step still padded by
-wrapping) has its own property at the end.
+step's samples). The batch_sampler path (a user's batches, dealt whole, the last global micro-batch
+completed with stand-ins) has its own property at the end, with the same weights check.
 
 Runs are derandomized (the examples follow from each test's source), so CI is deterministic and a
 failure replays by running the file again; Hypothesis also prints the falsifying example and a
@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset, Wei
 
 from dist_train.config import load_config
 from dist_train.data import planned_steps
-from dist_train.data.loaders import EpochSampler, ExactBatches, UserBatches, _with_epoch_sampler, epoch_sampler
+from dist_train.data.epoch import EpochSampler, ExactBatches, UserBatches
+from dist_train.data.loaders import _with_epoch_sampler, epoch_sampler
 from dist_train.data.user_order import UserOrder
 from dist_train.errors import UserError
 from dist_train.state import TrainState
@@ -450,7 +451,9 @@ class Bucketed(torch.utils.data.Sampler):
 
 
 def deal_batches(num_samples, max_batch, seed, epoch, world_size, grad_accum_steps, offset, unit=4) -> list[list[int]]:
-    """The batches the ranks train on from `offset` (in batches), in global order (rank 0's k-th, rank 1's k-th, ...)."""
+    """The batches the ranks train on from `offset` (in batches), in global order (rank 0's k-th, rank 1's k-th, ...),
+    a stand-in (loss weight 0) shown as []; checks the weights: in every optimizer step each real sample's share
+    of the gradient is 1 / (the step's samples), as in `deal`."""
     source = UserOrder(Bucketed(num_samples, max_batch), seed, batches=True)
     sampler = EpochSampler(0, seed, False, world_size, world_size * grad_accum_steps, source=source, unit_samples=unit)
     sampler.set_position(epoch, offset * unit)  # the loop counts `unit` (its batch_size) samples per batch
@@ -459,13 +462,22 @@ def deal_batches(num_samples, max_batch, seed, epoch, world_size, grad_accum_ste
         shard = BatchSamplerShard(UserBatches(sampler, source), world_size, rank, split_batches=False, even_batches=True)
         got = [ints(b) for b in shard]
         assert len(got) == len(shard) and all(got), "an empty batch, or len() is not what is yielded"
-        ranks.append(got)
+        ranks.append([b if sampler.loss_weight(k, rank) else [] for k, b in enumerate(got)])
     assert len({len(got) for got in ranks}) == 1, "ranks take different numbers of batches"
-    return [ranks[rank][k] for k in range(len(ranks[0])) for rank in range(world_size)]
+    dealt = [ranks[rank][k] for k in range(len(ranks[0])) for rank in range(world_size)]
+    step = world_size * grad_accum_steps
+    for first in range(0, len(dealt), step):
+        in_step = sum(len(b) for b in dealt[first : first + step])
+        for k in range(first, min(first + step, len(dealt))):
+            weight = sampler.loss_weight(k // world_size, k % world_size)
+            assert math.isclose(weight * in_step, step * len(dealt[k])), (k, weight, in_step)
+    stand_ins = [k for k, b in enumerate(dealt) if not b]
+    assert stand_ins == list(range(len(dealt) - len(stand_ins), len(dealt))) and len(stand_ins) < world_size, "a stand-in before the end"
+    return dealt[: len(dealt) - len(stand_ins)]
 
 
 @MATRIX
-@example(1, 9, 0, 0, 3, 4, 0, 1)  # a single batch, wrapped to a whole step of 12
+@example(1, 9, 0, 0, 3, 4, 0, 1)  # a single batch: one real, two stand-ins
 @given(
     st.integers(1, 120),
     st.integers(1, 9),
@@ -484,15 +496,12 @@ def test_the_batch_sampler_path_deals_the_users_batches_whole(
     step = world_size * grad_accum_steps
     steps = math.ceil(len(draw) / step)
     whole = deal_batches(num_samples, max_batch, seed, epoch, world_size, grad_accum_steps, 0)
-    # Global micro-batch k is draw batches kW .. kW+W-1, whole; the tail wraps to a whole optimizer step.
-    assert whole == [draw[i % len(draw)] for i in range(steps * step)]
+    # Global micro-batch k is draw batches kW .. kW+W-1, whole; every batch once, none twice (the exact tail).
+    assert whole == draw
     # A resume at a step boundary, on this world size and on another whose global micro-batch divides it.
     offset = pick % (steps + 1) * step
     for resumed_world, resumed_accum in {(world_size, grad_accum_steps), (other_world_size, 1 + pick % 4)}:
-        if offset % resumed_world:
-            continue  # refused by the checkpoint's position check
+        if offset % resumed_world or offset > len(draw):
+            continue  # refused by the checkpoint's position check; past the end: the epoch is over
         combined = whole[:offset] + deal_batches(num_samples, max_batch, seed, epoch, resumed_world, resumed_accum, offset)
-        assert combined == [draw[i % len(draw)] for i in range(len(combined))]
-        assert len(combined) >= len(draw) and (len(combined) - offset) % resumed_world == 0
-        if (resumed_world, resumed_accum) == (world_size, grad_accum_steps):
-            assert combined == whole
+        assert combined == draw

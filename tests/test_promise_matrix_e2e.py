@@ -171,7 +171,7 @@ class Setup:
         return math.ceil(self.train_size / self.step_samples)
 
     @property
-    def epoch_samples(self) -> int:  # every sample once, the last step short (dist_train/data/loaders.py)
+    def epoch_samples(self) -> int:  # every sample once, the last step short (dist_train/data/epoch.py)
         return self.train_size
 
     def micro_batches_before(self, step: int) -> int:

@@ -32,7 +32,8 @@ from torch.utils.data import (
 )
 
 from dist_train.config import load_config
-from dist_train.data.loaders import UserBatches, _with_epoch_sampler, epoch_sampler
+from dist_train.data.epoch import UserBatches
+from dist_train.data.loaders import _with_epoch_sampler, epoch_sampler
 from dist_train.data.user_order import UserOrder, epoch_seed
 from dist_train.errors import UserError
 from helpers import assert_weights_equal, ids_model, import_file, load_weights, read_ids, run_cli, run_clis, write_seed_project
@@ -293,7 +294,7 @@ def test_a_batch_sampler_is_dealt_in_whole_batches_on_both_paths(tmp_path, proje
         sampler = epoch_sampler(loader)
         sampler.set_position(2, 8 * 8)  # 2 steps of 4 batches in (the loop counts batch_size=8 per batch)
         got = [batch[1].tolist() for batch in loader]
-        assert got == [draw[i % 15] for i in range(8, 16)] and len(loader) == 8  # 15 batches wrapped to 16
+        assert got == draw[8:] and len(loader) == 7  # the rest of the draw, once: the last step holds 3 batches
     with pytest.raises(UserError, match="not a whole number of batch_sampler batches at batch_size 8"):
         sampler.set_position(2, 12)
 
@@ -460,21 +461,21 @@ def test_batch_sampler_on_two_ranks_is_dealt_whole_and_resumes_bitwise(project, 
     buckets = _project_module(project, "samplers").Buckets
     draws = [UserOrder(buckets(NUM_TRAIN, 7), 9, batches=True).draw(epoch) for epoch in range(2)]
     assert [len(draw) for draw in draws] == [30, 30] and sorted({len(b) for b in draws[0]}) == [3, 4, 7]
-    padded = [draw + draw[:2] for draw in draws]  # wrapped to whole steps of 2 ranks x 2 micro-batches: 32
+    # 7 steps of 2 ranks x 2 micro-batches, and a last step of one micro-batch: every batch once, none padded in.
 
     reference, ids = tmp_path / "reference", tmp_path / "ids"
     out, resumed_ids = tmp_path / "run", tmp_path / "resumed_ids"
     ids.mkdir(), resumed_ids.mkdir()
     steps0 = 8
-    kill = 2 * (steps0 + 3) + 1  # rank 0's first forward of epoch 1's 4th step; the last save: 3 steps into epoch 1
+    kill = 15 + 2 * 3 + 1  # rank 0's first forward of epoch 1's 4th step (15 in epoch 0); the last save: 3 steps into epoch 1
     _, killed = run_clis(  # the uninterrupted run and the one to be killed, at once
         {"args": _args(project, reference, "buckets", *common), "nproc": 2, "env": {"IDS_DIR": str(ids)}},
         {"args": _args(project, out, "buckets", *common), "nproc": 2, "check": False, "env": {"KILL_AT_FORWARD": str(kill)}},
     )
     ranks = read_ids(ids)
-    assert ranks[0] == (padded[0] + padded[1])[0::2] and ranks[1] == (padded[0] + padded[1])[1::2]
+    assert ranks[0] == draws[0][0::2] + draws[1][0::2] and ranks[1] == draws[0][1::2] + draws[1][1::2]
     assert killed.returncode != 0
     resumed = run_cli(_args(project, out, "buckets", *common), nproc=2, env={"IDS_DIR": str(resumed_ids)})
     assert f"at optimizer step {steps0 + 3} (epoch 1, " in resumed.stdout
     assert_weights_equal(out, reference)
-    assert read_ids(resumed_ids)[0] == ranks[0][len(ranks[0]) - (len(padded[1]) // 2 - 6) :]
+    assert read_ids(resumed_ids)[0] == ranks[0][len(ranks[0]) - (15 - 6) :]  # rank 0's 15 batches of epoch 1, less 3 steps

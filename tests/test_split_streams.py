@@ -1,9 +1,8 @@
 """Streams already split per rank (`split_dataset_by_node`, files chosen by rank): each rank trains on its own
 part, never split again, on 2 and 3 real processes.
 
-The shards have different lengths, so the ranks' parts do too: the epoch ends for all ranks when the first
-runs out, and the samples the others still held are counted and said. So per epoch: no id twice, and the ids
-trained plus the count said left out are the whole set. The validation set, split per rank too, gives the
+The shards have different lengths, so the ranks' parts do too: a rank whose part ran out trains stand-ins
+(weight 0) until the longest part ends, so per epoch every id is trained exactly once and nothing is left out. The validation set, split per rank too, gives the
 exact mean over all of it. SIGKILL mid-epoch then resume: the uninterrupted run's weights, bit for bit. A
 mid-epoch checkpoint on another world size is refused (each rank's position is in its own part).
 """
@@ -71,11 +70,11 @@ PROJECT = textwrap.dedent('''
             self.forwards = 0
 
         def forward(self, x):
+            if torch.is_grad_enabled() and os.environ.get("IDS_DIR"):  # a training forward; a stand-in's as an empty line
+                with open(os.path.join(os.environ["IDS_DIR"], f"rank{RANK}.txt"), "a") as f:
+                    f.write((" ".join(str(int(i)) for i in x[:, -1].tolist()) if self.training else "") + "\\n")
             if self.training:
                 self.forwards += 1
-                if os.environ.get("IDS_DIR"):
-                    with open(os.path.join(os.environ["IDS_DIR"], f"rank{RANK}.txt"), "a") as f:
-                        f.write(" ".join(str(int(i)) for i in x[:, -1].tolist()) + "\\n")
                 if RANK == 0 and self.forwards == int(os.environ.get("KILL_AT_FORWARD", "0")):
                     os.kill(os.getpid(), signal.SIGKILL)
             return self.fc2(self.drop(torch.tanh(self.fc1(x[:, :-1]))))
@@ -137,17 +136,11 @@ def _args(project: Path, out: Path, source: str, num_workers: int = 0, *extra: s
 
 
 def _forwards(folder: Path) -> list[list[list[int]]]:
-    """Per rank, the ids of each training forward, in order."""
+    """Per rank, the ids of each training forward, in order; [] for a stand-in (a rank whose part ran out)."""
     return [
         [[int(i) for i in line.split()] for line in (folder / f"rank{rank}.txt").read_text().splitlines()]
         for rank in range(len(list(folder.glob("rank*.txt"))))
     ]
-
-
-def _left_out(stdout: str) -> dict[int, int]:
-    """Per epoch, the count the run said it left out (0 where it said nothing)."""
-    said = re.findall(r"epoch (\d+): the per-rank stream ran out first .*? the (\d+) sample\(s\) the other ranks still held", stdout)
-    return collections.defaultdict(int, {int(epoch): int(n) for epoch, n in said})
 
 
 def _epochs(out: Path, per_rank: list[list[list[int]]]) -> list[list[list[int]]]:
@@ -163,25 +156,29 @@ def _own_ids(rank: int, nproc: int) -> set[int]:
 
 
 @pytest.mark.parametrize("source, nproc, num_workers", [("user", 3, 2), ("hf", 2, 0), ("stateless", 3, 0)])
-def test_each_rank_trains_its_own_part_once_and_says_what_the_uneven_end_left_out(project, tmp_path, source, nproc, num_workers):
+def test_each_rank_trains_its_own_part_and_every_sample_once(project, tmp_path, source, nproc, num_workers):
     """The user's files go to rank r as r, r+n, ... in every epoch; `split_dataset_by_node` deals datasets'
-    shards anew each epoch (its own rule): either way each epoch trains every id once, less what it said."""
+    shards anew each epoch (its own rule): either way each epoch trains every id once, none left out: the ranks
+    whose part ran out train stand-ins until the longest part ends."""
     out, ids = tmp_path / "run", tmp_path / "ids"
     ids.mkdir()
     result = run_cli(_args(project, out, source, num_workers), nproc=nproc, env={"IDS_DIR": str(ids)})
-    per_rank, left = _forwards(ids), _left_out(result.stdout)
+    per_rank = _forwards(ids)
     assert len({len(rank) for rank in per_rank}) == 1  # the ranks stepped together
+    assert "left out" not in result.stdout
     epochs = _epochs(out, per_rank)
     assert len(epochs) == 2 and sum(len(epoch[0]) for epoch in epochs) == len(per_rank[0])
     for epoch, batches in enumerate(epochs):
         trained = collections.Counter(i for rank in batches for batch in rank for i in batch)
-        assert max(trained.values()) == 1 and sum(trained.values()) == TRAIN - left[epoch], (epoch, left)
-    if source != "hf":  # not dealt from rank 0: each rank trains on its own files, and the shortest part ends the epoch
+        assert max(trained.values()) == 1 and sum(trained.values()) == TRAIN, epoch
+        for rank in batches:  # a rank trains its part, then only stand-ins
+            real = [bool(batch) for batch in rank]
+            assert real == sorted(real, reverse=True), "a stand-in before a rank's part ran out"
+    if source != "hf":  # not dealt from rank 0: each rank trains on its own files, and the longest part ends the epoch
         for rank, batches in enumerate(per_rank):
             assert {i for batch in batches for i in batch} <= _own_ids(rank, nproc)
         parts = [len(_own_ids(rank, nproc)) for rank in range(nproc)]
-        steps = min(-(-part // 4) for part in parts)
-        assert left[0] == left[1] == sum(part - min(part, 4 * steps) for part in parts) > 0
+        assert [len(epoch[0]) for epoch in epochs] == [max(-(-part // 4) for part in parts)] * 2
     # The validation set, split per rank too: its loss is the exact mean over every part.
     record = [r for r in read_metrics(out) if "val_loss" in r][-1]
     assert record["val_samples"] == VAL

@@ -46,7 +46,8 @@ def check_trackers_installed(log_with: list[str]) -> None:
 
 
 class _RunningMean:
-    """A sum kept on the device, read back only on demand."""
+    """A sum kept on the device, read back only on demand; `count` is in micro-batches of whole steps (the loop's
+    `grad_accum_steps` per optimizer step), so that a short step, its losses weighted, counts as one step."""
 
     def __init__(self, accelerator: Accelerator):
         self.accelerator = accelerator
@@ -55,7 +56,6 @@ class _RunningMean:
 
     def add(self, value: torch.Tensor) -> None:
         self.total += value.detach().float()
-        self.count += 1
 
     def carry(self) -> list:
         """[mean over ranks of the running sum, count]: what a checkpoint keeps (a collective)."""
@@ -135,13 +135,13 @@ class MetricsLogger:
         finally:
             self._untimed_s += time.perf_counter() - start
 
-    def observe(self, loss: torch.Tensor, inputs, stand_in: bool = False) -> None:
-        """Account one micro-batch (on this rank); no host sync. Every rank counts every micro-batch (the means
-        are reduced over the ranks): a stand-in (a rank with no sample in an epoch's short last step) adds its
-        zero loss, and no samples."""
-        self._interval_loss.add(loss)
-        self._eval_loss.add(loss)
-        if stand_in:
+    def observe(self, loss: torch.Tensor, inputs, weight: float = 1.0) -> None:
+        """Account one micro-batch (on this rank); no host sync. Its loss is weighted as the gradient is (the exact
+        mean over a short step's samples, data/epoch.py): a stand-in (weight 0) adds nothing, and no samples."""
+        value = loss if weight == 1 else loss * weight
+        self._interval_loss.add(value)
+        self._eval_loss.add(value)
+        if not weight:
             return
         self._samples += batch_size_of(inputs, None)
         tokens = real_tokens(inputs)  # padding left out where an attention mask says so; a device tensor then
@@ -151,6 +151,8 @@ class MetricsLogger:
     def log_step(self, state: TrainState, lr: float, grad_norm: torch.Tensor | None) -> dict | None:
         """Called once per optimizer step; writes a record every `log_every` steps and returns it."""
         self._steps += 1
+        for mean in self._means.values():
+            mean.count += self.cfg.grad_accum_steps
         if state.optimizer_step % self.log_every != 0:
             return None
         now = time.perf_counter()

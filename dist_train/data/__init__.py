@@ -1,6 +1,7 @@
 """The data path: from the user's `get_dataloader` to the batches each rank trains on, in an order dist_train owns.
 
-- `loaders.py`: `build_loaders` / `prepare_loaders`, the training order of `(seed, epoch)`, the resume position.
+- `loaders.py`: `build_loaders` / `prepare_loaders`, the user's loaders rebuilt around an order dist_train owns.
+- `epoch.py`: an epoch's order of `(seed, epoch)`, its position, batches per rank and loss weights (the exact tail).
 - `user_order.py`: the user's own sampler or `batch_sampler`, drawn per epoch from the same seed.
 - `streams.py`: streams (`IterableDataset`), read on rank 0 and dealt, or read per rank when already split.
 - `eval_order.py`: an evaluation set as one fixed list of samples (the user's sampler drawn once).
@@ -12,7 +13,7 @@
 
 from .batch_size import fit_batch_size
 from .batches import batch_size_of, call_model, real_tokens, split_batch, token_ids
-from .loaders import build_loaders, eval_loader, loss_weight, prepare_loaders, split_if_stream, train_position
+from .loaders import build_loaders, eval_loader, prepare_loaders, split_if_stream, train_position, weighed
 from .run_length import planned_steps, replanned
 
 __all__ = [
@@ -21,7 +22,6 @@ __all__ = [
     "call_model",
     "eval_loader",
     "fit_batch_size",
-    "loss_weight",
     "planned_steps",
     "prepare_loaders",
     "real_tokens",
@@ -30,4 +30,5 @@ __all__ = [
     "split_if_stream",
     "token_ids",
     "train_position",
+    "weighed",
 ]

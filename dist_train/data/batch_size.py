@@ -31,6 +31,7 @@ from ..accelerate_internals import is_out_of_memory
 from ..config import Config
 from ..errors import UserError
 from .batches import batch_size_of, call_model, split_batch
+from .streams import Dealt
 
 
 def _probe(accelerator: Accelerator, model, optimizer, train_loader, loss_fn, cfg: Config) -> bool:
@@ -44,6 +45,7 @@ def _probe(accelerator: Accelerator, model, optimizer, train_loader, loss_fn, cf
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     with torch.random.fork_rng(devices=devices), contextlib.nullcontext() if fsdp else accelerator.no_sync(model):
         batch = next(iter(train_loader))
+        batch = batch.batch if isinstance(batch, Dealt) else batch  # a stream's: its rows, padding included (no more than a batch)
         train_loader.end()  # left after one batch: tell Accelerate's gradient state this loader is done
         inputs, targets = split_batch(batch, cfg.data, loss_fn.model_computes)
         samples = batch_size_of(inputs, targets)

@@ -27,231 +27,24 @@ Which order:
   (streams.py); one already split per rank is read by each rank, its own part, and not split again
   (training and validation alike: `prepare_loaders`).
 
-The exact tail (map-style data without a batch_sampler): every sample once per epoch. The epoch is cut
-into optimizer steps of `batch_size x world_size x grad_accum_steps` samples, and its last step holds
-what is left: its last global micro-batch split over the ranks as evenly as possible, at least 2 samples on
-a rank that gets any (`share`, `ExactBatches`),
-each rank's mean loss weighted by its share of the step's samples (`EpochSampler.loss_weight`), so that
-DDP's average over the ranks and Accelerate's over the accumulation are the exact mean over the step's
-real samples. A rank with no sample left gets a stand-in batch the loop runs in eval mode with weight 0:
-DDP needs every rank in the reduction; its gradient is zero and its buffers untouched. (Padding, what
-`DistributedSampler` and Accelerate's `even_batches` do, would train the epoch's first samples twice, and
-one process would not be the user's own loop over their DataLoader.) `drop_last=True` drops the partial step.
-On the batch_sampler path the epoch is still cut into whole steps of `world_size x grad_accum_steps`
-batches, the last completed with the draw's first batches.
+The exact tail (every sample once per epoch, the last step short and weighted): epoch.py.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
-
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler, SequentialSampler, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler, Subset
 
 from ..accelerate_internals import seed_dispatched_workers
 from ..config import Config
 from ..errors import UserError
 from ..plugins import check_call, resolve
 from .batches import worker_settings
+from .epoch import EpochSampler, ExactBatches, UserBatches
 from .eval_order import fixed_order
 from .fastdata import TensorBatches, already_batched, can_use_fast_path, dataset_tensors
-from .streams import StreamBatches, split_by_rank, stream_loader
-from .user_order import UserOrder, epoch_seed
-
-
-class EpochSampler(Sampler[int]):
-    """Yields `order(seed, epoch)[start:]`: to its end (the exact tail, given `batch_size`), or cut to whole
-    optimizer steps.
-
-    The order is dist_train's permutation of `num_samples` (or `range(num_samples)` without `shuffle`),
-    or, given a `source`, the user's sampler drawn for the epoch (`UserOrder`; then `num_samples` is the
-    draw's length). `step_samples` (batch x ranks x accumulation) is the unit of the cut: with `drop_last`
-    the partial last step is dropped; without the exact tail it is padded by wrapping (the order's first
-    samples again).
-
-    On the batch_sampler path the order is of the user's batches (`UserBatches`), the sizes count
-    batches, and `unit_samples` (the loop's `batch_size`) converts the loop's `samples_consumed`.
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        seed: int,
-        shuffle: bool,
-        micro_batch_samples: int,
-        step_samples: int | None = None,
-        drop_last: bool = False,
-        source: UserOrder | None = None,
-        unit_samples: int = 1,
-        batch_size: int | None = None,
-    ):
-        self._num_samples = num_samples
-        # The per-process batch when the epoch's tail is exact (the map-style path without a batch_sampler): the
-        # epoch is not padded, its last global micro-batch is split evenly over the ranks (ExactBatches) and
-        # `loss_weight` makes the short last step the exact mean. None: padded to whole steps (the batch_sampler path).
-        self.batch_size = batch_size
-        self.seed = seed
-        self.shuffle = shuffle
-        self.source = source
-        self.unit_samples = unit_samples
-        self.micro_batch_samples = micro_batch_samples  # one global micro-batch: batch_size x ranks
-        self.step_samples = step_samples or micro_batch_samples
-        self.drop_last = drop_last
-        self.epoch = 0
-        self.start = 0
-        self.dataset_length: int | None = None  # the map-style dataset's length: a checkpoint records it (manifest)
-        # The loader's own generator: a DataLoader without one draws its workers' base seed from the
-        # global torch RNG at every `iter()`, so a resumed run (one more `iter()` mid-epoch) would drift
-        # from an uninterrupted one in everything else that draws from it (dropout, augmentation).
-        self.loader_generator = torch.Generator()
-
-    def set_position(self, epoch: int, samples_consumed: int) -> None:
-        """Start the next iteration at `samples_consumed` into epoch `epoch`'s order."""
-        if samples_consumed % self.unit_samples:
-            raise UserError(
-                f"resume: the checkpoint stopped {samples_consumed} samples into epoch {epoch}, which is not a whole "
-                f"number of batch_sampler batches at batch_size {self.unit_samples}; resume with the batch_size it was "
-                "written with, or from an epoch-end checkpoint."
-            )
-        self.epoch, self.start = epoch, samples_consumed // self.unit_samples
-        self.loader_generator.manual_seed((self.seed * 1_000_003 + epoch) ^ 0x5EED_5EED)  # worker seeds: per epoch
-
-    @property
-    def num_samples(self) -> int:
-        """The length of this epoch's order (before padding or dropping)."""
-        return self._num_samples if self.source is None else len(self.source.order(self.epoch))
-
-    @property
-    def epoch_samples(self) -> int:
-        """Where this iteration ends: the rest of the data from `start` cut (drop_last) or padded to whole
-        optimizer steps. Counted from `start`, so that after a resume with another step size too, every
-        step but none is short."""
-        rest = max(self.num_samples - self.start, 0)
-        if self.exact_tail and not self.drop_last:
-            return self.start + rest  # every sample once; the last step may be short
-        steps = rest // self.step_samples if self.drop_last else math.ceil(rest / self.step_samples)
-        return self.start + steps * self.step_samples
-
-    @property
-    def exact_tail(self) -> bool:
-        return self.batch_size is not None
-
-    def order(self) -> torch.Tensor:
-        if self.source is not None:
-            return self.source.order(self.epoch)
-        if not self.shuffle:
-            return torch.arange(self.num_samples)
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        return torch.randperm(self.num_samples, generator=generator)
-
-    def __len__(self) -> int:
-        return max(self.epoch_samples - self.start, 0)
-
-    def steps_from(self, epoch: int, samples_consumed: int) -> int:
-        """The optimizer steps `set_position(epoch, samples_consumed)` would deal (the run's length, run_length.py)."""
-        saved = self.epoch, self.start
-        self.epoch, self.start = epoch, samples_consumed // self.unit_samples
-        try:
-            return math.ceil(len(self) / self.step_samples)
-        finally:
-            self.epoch, self.start = saved
-
-    def loss_weight(self, micro_batch: int, rank: int) -> float:
-        """The factor on rank `rank`'s mean loss in micro-batch `micro_batch` of this iteration (counted from
-        `start`): 1, except in a short last step, where it is `world x accumulation x (rank's samples) / (step's
-        samples)`, so that DDP's average over the ranks of Accelerate's 1/accumulation-scaled losses is the exact
-        mean over the step's real samples; 0 for a rank with none (ExactBatches gives it a stand-in batch)."""
-        if not self.exact_tail:
-            return 1.0
-        left = len(self) - (micro_batch // self.accumulation) * self.step_samples
-        if left >= self.step_samples:
-            return 1.0
-        world = self.micro_batch_samples // self.batch_size
-        in_micro = len(self) - micro_batch * self.micro_batch_samples
-        mine = self.batch_size if in_micro >= self.micro_batch_samples else share(in_micro, world, rank)  # as ExactBatches cuts
-        return world * self.accumulation * mine / left
-
-    @property
-    def accumulation(self) -> int:
-        return self.step_samples // self.micro_batch_samples
-
-    def indices(self) -> torch.Tensor:
-        """This iteration's sample indices, as one tensor (the fast data path cuts batches from it)."""
-        order = self.order()
-        end = self.epoch_samples
-        while end > len(order):  # padding: wrap around (more than once for a dataset smaller than one step)
-            order = torch.cat([order, order[: end - len(order)]])
-        return order[self.start : max(end, self.start)]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices().tolist())
-
-
-def share(samples: int, world_size: int, rank: int) -> int:
-    """Rank `rank`'s part of `samples` split over the ranks as evenly as possible, the first ranks taking one more,
-    but at least 2 on a rank that gets any (BatchNorm in training has no statistics of one sample; the user's own
-    loop would not make a batch of 1 either, unless one sample is all there is): contiguous parts in rank order,
-    so that N ranks train one rank's global micro-batch."""
-    ranks = min(world_size, max(samples // 2, 1))
-    return samples // ranks + (rank < samples % ranks) if rank < ranks else 0
-
-
-class ExactBatches(Sampler):
-    """The exact tail's batches: `sampler`'s order in batches of `batch_size`, dealt round-robin by Accelerate
-    (`BatchSamplerShard`), except the epoch's last global micro-batch, which is split over the ranks as evenly as
-    possible (`share`). A rank whose part is empty gets a stand-in batch (real samples of the epoch) that the
-    loop runs in eval mode with loss weight 0 (`EpochSampler.loss_weight`): a zero gradient for DDP's reduction,
-    its buffers (BatchNorm statistics) untouched, nothing trained twice.
-
-    `batch_size = None` tells `BatchSamplerShard` the batches differ in size: it deals them whole, and as their
-    number is a multiple of the processes it never completes a round. Index tensors on the fast path (`tensors`),
-    lists of ints for a DataLoader that calls the dataset per sample.
-    """
-
-    batch_size = None
-    drop_last = False
-
-    def __init__(self, sampler: EpochSampler, tensors: bool):
-        self.sampler = sampler  # `epoch_sampler()` finds it here after prepare
-        self.tensors = tensors
-        self.per_process = sampler.batch_size
-        self.world_size = sampler.micro_batch_samples // sampler.batch_size
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.sampler.micro_batch_samples) * self.world_size
-
-    def __iter__(self) -> Iterator:
-        indices = self.sampler.indices()
-        whole = len(indices) - len(indices) % self.sampler.micro_batch_samples
-        batches = list(indices[:whole].split(self.per_process)) if whole else []  # (an empty tensor splits into one empty part)
-        tail = indices[whole:]
-        if len(tail):
-            parts = tail.split([share(len(tail), self.world_size, rank) for rank in range(self.world_size)])
-            batches += [part if len(part) else indices[: self.per_process] for part in parts]
-        return iter(batches if self.tensors else [batch.tolist() for batch in batches])
-
-
-class UserBatches(Sampler[list[int]]):
-    """The batch_sampler path: the user's batches of the epoch, in the order `sampler` deals their positions.
-
-    `batch_size = None` tells Accelerate's `BatchSamplerShard` the batches may differ in size: it deals
-    them whole, round-robin. `sampler` has already made their number a multiple of the processes.
-    """
-
-    batch_size = None
-    drop_last = False
-
-    def __init__(self, sampler: EpochSampler, source: UserOrder):
-        self.sampler = sampler  # `epoch_sampler()` finds it here after prepare
-        self.source = source
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self.source.draw(self.sampler.epoch)
-        return iter([batches[position] for position in self.sampler.indices().tolist()])
+from .streams import Dealt, StreamBatches, split_by_rank, stream_loader
+from .user_order import UserOrder
 
 
 def _user_loaders(cfg: Config):
@@ -444,10 +237,15 @@ def epoch_sampler(loader) -> EpochSampler | None:
     return None
 
 
-def loss_weight(position, micro_batch: int, rank: int) -> float:
-    """The factor on this rank's loss in micro-batch `micro_batch` of the epoch's iteration: 1, but in the short
-    last step of an epoch with an exact tail (`EpochSampler.loss_weight`; 0 for a stand-in batch)."""
-    return position.loss_weight(micro_batch, rank) if isinstance(position, EpochSampler) else 1.0
+def weighed(position, batch, micro_batch: int, rank: int) -> tuple[object, float]:
+    """The batch this rank trains on in micro-batch `micro_batch` of the epoch's iteration, and the factor on its
+    loss: 1, but where a step's batches are not all full (data/epoch.py; 0 for a stand-in batch). A stream's batch
+    comes with its step's sample count and may carry padding rows, left out here (`StreamBatches.weighed`)."""
+    if isinstance(batch, Dealt):
+        return position.weighed(batch)
+    if isinstance(position, EpochSampler):
+        return batch, position.loss_weight(micro_batch, rank)
+    return batch, 1.0
 
 
 def train_position(loader) -> EpochSampler | StreamBatches | None:

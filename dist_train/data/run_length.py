@@ -16,7 +16,7 @@ import math
 from ..config import Config
 from ..errors import UserError
 from ..state import TrainState
-from .loaders import EpochSampler
+from .epoch import EpochSampler
 from .streams import StreamBatches
 
 

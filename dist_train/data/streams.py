@@ -3,12 +3,13 @@
 Accelerate dispatches a stream: rank 0 reads it through the user's DataLoader (whose workers split the
 files) and sends each rank its slice of every global batch. So each sample is read once, by one process,
 and trained on by exactly one rank per epoch, whatever the world size; N ranks see the batches one rank
-would, N at a time; the epoch ends when the stream does. Its last global batch is split evenly: where its
-samples do not divide by the processes, the last few (fewer than one per process) are left out of that
-epoch and the run says so. (Accelerate would fill the batch with the epoch's first samples, training them
-twice; an uneven split is no option either: a rank with no sample has no loss for DDP.) One global micro-batch is `world_size` of the user's
-batches, so after `samples_consumed` the stream has given `samples_consumed // batch_size` batches,
-the position a checkpoint records, which any world size can continue at the same batch_size.
+would, N at a time; the epoch ends when the stream does. Its tail is exact, as for map-style data
+(data/epoch.py): a global batch that does not split evenly (the epoch's last, or a short batch inside the
+stream) is cut over the ranks as evenly as possible, and each rank's loss weighted by its share of the
+step's samples; a rank with none trains a stand-in with weight 0 (`_dealt`, `weighed`). One global
+micro-batch is `world_size` of the user's batches, so after `samples_consumed` the stream has given
+`samples_consumed // batch_size` batches, the position a checkpoint records, which any world size can
+continue at the same batch_size.
 
 How a mid-epoch position is restored (`StreamBatches.mode`):
 - `state`: the loader or its dataset has `state_dict()`/`load_state_dict()` (torchdata's
@@ -29,28 +30,32 @@ A stream that is already split per rank (`split_dataset_by_node`, files chosen b
 not split again: every rank reads the first sample once at start, and where the ranks' first samples
 differ, each rank trains on its own part (`per_rank`), read by itself and never dispatched (dispatching
 would train rank 0's part alone and lose the others'). Its parts rarely have the same length, and DDP
-needs every rank at every step, so the ranks agree before each micro-batch that all of them have one: the
-epoch ends when the first rank runs out, and the samples the other ranks still held are counted and said
-("left out"), never trained twice or silently dropped. Its position is per rank (each rank's state or
-replay count), so a mid-epoch checkpoint continues on the same world size only (a clear error on another;
-an epoch-end one on any). A stream that yields nothing on some rank is refused before training.
+needs every rank at every step: the ranks agree once per step how many micro-batches it has and how many
+samples (`_agreed`); a rank whose part ran out trains a stand-in (weight 0) while the others train the
+rest of theirs, weighted as above, so the epoch ends with the longest part and no sample is left out. Its
+position is per rank (each rank's state or replay count), so a mid-epoch checkpoint continues on the same
+world size only (a clear error on another; an epoch-end one on any). A stream that yields nothing on some
+rank is refused before training.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import find_batch_size, gather, slice_tensors
+from accelerate.utils import concatenate, find_batch_size, gather, recursively_apply, slice_tensors
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..config import Config
 from ..errors import UserError
 from .batches import worker_settings
+from .epoch import share
 
 
 def stateful(obj) -> bool:
@@ -111,8 +116,11 @@ class StreamBatches(IterableDataset):
     loads a checkpoint's position for the next iteration.
     """
 
-    def __init__(self, loader: DataLoader, seed: int, batch_size: int, processes: int, keep: int, per_rank: bool = False):
+    def __init__(
+        self, loader: DataLoader, seed: int, batch_size: int, processes: int, keep: int, per_rank: bool = False, accumulation: int = 1
+    ):
         self.loader, self.seed, self.processes, self._keep, self.per_rank = loader, seed, processes, keep, per_rank
+        self.accumulation = accumulation
         # The loop counts batch_size x processes samples per global micro-batch: one user batch per rank of a
         # per-rank stream, `processes` batches of the one stream otherwise.
         self.unit_samples = batch_size * processes if per_rank else batch_size
@@ -121,8 +129,11 @@ class StreamBatches(IterableDataset):
         self.source = source if self.mode == "state" else None
         self.dataset_length = None
         self.epoch, self.start = 0, 0
-        self._positions: dict[int, object] = {}
+        # Micro-batch key -> (the user's batches read so far this epoch, the position after the last of them).
+        self._positions: dict[int, tuple[int, object] | None] = {}
         self._held: tuple[tuple[int, int], Iterator] | None = None  # a replayed epoch, read up to the saved position
+        self._restored: tuple[int, object] | None = None  # the checkpoint's position, until this rank reads a batch
+        self._stand_in = None  # a batch of this rank's part, for the micro-batches after its part ran out
 
     exact = True  # a mid-epoch position can always be saved and continued (or the resume refused, never restarted)
 
@@ -132,9 +143,9 @@ class StreamBatches(IterableDataset):
 
     def __len__(self) -> int:
         # A TypeError for a stream without a length: the loop then counts no epoch length. A per-rank stream has
-        # none either: its epoch is as long as the shortest rank's part, whatever each part says.
+        # none either: its epoch is as long as the longest rank's part, which only that rank knows.
         if self.per_rank:
-            raise TypeError("a stream split per rank ends with its shortest part")
+            raise TypeError("a stream split per rank ends with its longest part")
         return len(self.loader)
 
     def set_position(self, epoch: int, samples_consumed: int) -> None:
@@ -144,10 +155,13 @@ class StreamBatches(IterableDataset):
     def state_at(self, samples_consumed: int):
         """The position after the batches `samples_consumed` stands for (this rank's for a per-rank stream;
         otherwise the main process's, None on the others)."""
-        batches = samples_consumed // self.unit_samples
-        position = self._positions.get(batches)
-        if self.mode == "replay" and position is not None:
-            return {"replay": {"epoch": self.epoch, "batches": batches, "fingerprint": position}}
+        key = samples_consumed // self.unit_samples
+        entry = self._positions.get(key)
+        if entry is None:
+            return None
+        batches, position = entry
+        if self.mode == "replay":
+            return {"replay": {"epoch": self.epoch, "batches": batches, "at": key, "fingerprint": position}}
         return position
 
     def restore(self, state) -> None:
@@ -160,6 +174,7 @@ class StreamBatches(IterableDataset):
                     f"run's {self.source_name} has one; resume with the data it was written with, or from an epoch-end checkpoint."
                 )
             self.source.load_state_dict(state)
+            self._restored = (0, copy.deepcopy(state))
             return
         if not (isinstance(state, dict) and "replay" in state):
             raise UserError(
@@ -183,7 +198,8 @@ class StreamBatches(IterableDataset):
                 "time it is read for an epoch (unseeded randomness, changed files). Make it deterministic (seed it from "
                 "set_epoch()), give it state_dict()/load_state_dict(), or resume from an epoch-end checkpoint (resume: PATH)."
             )
-        self._held = ((epoch, batches), iterator)
+        self._held = ((epoch, int(saved.get("at", batches))), iterator)
+        self._restored = (batches, last)
 
     def _why_replay(self) -> str:
         if state_misses_buffer(self.loader.dataset):
@@ -200,10 +216,12 @@ class StreamBatches(IterableDataset):
                 next(batches, None)
         else:
             batches = self._read(self.epoch, first=self.start + 1)
-        for index, batch, position in self._agreed(batches) if self.per_rank else self._evened(batches):
-            self._positions[index] = position
-            self._positions.pop(index - self._keep, None)
-            yield batch
+        restored, self._restored = self._restored, None
+        for key, item, position in self._agreed(batches, restored) if self.per_rank else self._dealt(batches):
+            if key is not None:
+                self._positions[key] = position
+                self._positions.pop(key - self._keep, None)
+            yield item
 
     def _read(self, epoch: int, first: int) -> Iterator[tuple[int, object, object]]:
         """The user's batches of `epoch`, numbered from `first`, each with the position right after it."""
@@ -217,55 +235,107 @@ class StreamBatches(IterableDataset):
             position = copy.deepcopy(self.source.state_dict()) if self.mode == "state" else fingerprint(batch)
             yield index, batch, position
 
-    def _agreed(self, batches: Iterator[tuple]) -> Iterator[tuple]:
-        """A per-rank stream's batches while every rank has one: the epoch ends for all when the first rank
-        runs out (DDP would wait forever on it), and the samples the others still held are counted and said."""
-        device = PartialState().device  # NCCL reduces CUDA tensors, gloo CPU ones
-        left = 0
-        for item in batches:
-            if not _every_rank(True, device):
-                left = find_batch_size(item[1]) + sum(find_batch_size(batch) for _, batch, _ in batches)
-                break
-            yield item
-        else:
-            _every_rank(False, device)  # this rank ran out: the others stop at the same micro-batch
-        counts = [int(n) for n in gather(torch.tensor([left], device=device)).tolist()]
-        if any(counts) and PartialState().is_main_process:
-            held = ", ".join(f"rank {rank}: {n}" for rank, n in enumerate(counts) if n)
-            print(
-                f"dist_train: epoch {self.epoch}: the per-rank stream ran out first on rank(s) "
-                f"{[rank for rank, n in enumerate(counts) if not n]}; the {sum(counts)} sample(s) the other ranks still held "
-                f"are left out of this epoch ({held}): the ranks step together, so an epoch is as long as its shortest part",
-                flush=True,
-            )
+    def _dealt(self, batches: Iterator[tuple]) -> Iterator[tuple]:
+        """The dispatched stream's items: each global micro-batch (`processes` of the user's batches) as one part per
+        rank, a step (`accumulation` global micro-batches) read before any of it is yielded, so that each part
+        carries its step's sample count (`Dealt`). Accelerate's dispatcher concatenates the parts and gives rank r
+        the r-th: full batches are each rank's own batch, as Accelerate would deal them; a group that does not
+        split evenly (the epoch's end, or a short batch inside the stream) is cut over the ranks as evenly as
+        possible (`share`) and each part padded to the longest with rows the rank then leaves out (`weighed`), a
+        rank with none training a stand-in with weight 0. (Accelerate would fill such a group with the epoch's first
+        samples, training them twice.) Yields (the group's last batch number or None, item, position)."""
+        while True:
+            step = [group for group in (list(itertools.islice(batches, self.processes)) for _ in range(self.accumulation)) if group]
+            if not step:
+                return
+            samples = sum(find_batch_size(batch) for group in step for _, batch, _ in group)
+            for group in step:
+                parts = _parts([batch for _, batch, _ in group], self.processes)
+                index, _, position = group[-1]
+                for rank, (part, real) in enumerate(parts):
+                    last = rank == len(parts) - 1  # the group's position is recorded with its last part
+                    yield (index if last else None), Dealt(part, _counts(part, real, samples)), (index, position)
+            if len(step) < self.accumulation or len(step[-1]) < self.processes:
+                return  # the stream ended inside this step
 
-    def _evened(self, batches: Iterator[tuple]) -> Iterator[tuple]:
-        """`batches`, the epoch's last global batch cut to a multiple of the processes.
+    def _agreed(self, batches: Iterator[tuple], restored: tuple[int, object] | None) -> Iterator[tuple]:
+        """A per-rank stream's items: every rank reads its step (`accumulation` of its own batches), then the ranks
+        agree, in one collective, on how many micro-batches the step has (the most any rank has) and how many
+        samples; a rank whose part ran out trains a stand-in (weight 0) while the others train theirs, so the
+        epoch ends when the last part does and no sample is left out. Yields (micro-batch key, item, position)."""
+        device = PartialState().device  # NCCL gathers CUDA tensors, gloo CPU ones
+        key, last, ran_out = self.start, restored or (0, None), False
+        while True:
+            mine = [] if ran_out else list(itertools.islice(batches, self.accumulation))
+            ran_out = len(mine) < self.accumulation
+            sizes = [find_batch_size(batch) for _, batch, _ in mine]
+            if mine:
+                self._stand_in = mine[0][1]
+            told = torch.tensor([len(mine), sum(sizes), self._stand_in is not None], device=device)
+            counts = gather(told).view(-1, 3).tolist()
+            micro_batches, samples = max(c[0] for c in counts), sum(c[1] for c in counts)
+            if micro_batches == 0:
+                return
+            if any(c[0] < micro_batches and not c[2] for c in counts):  # a rank that has read nothing in this process
+                source = next(rank for rank, c in enumerate(counts) if c[2])
+                self._stand_in = _broadcast_object(self._stand_in, source)
+            for i in range(micro_batches):
+                key += 1
+                if i < len(mine):
+                    index, batch, position = mine[i]
+                    last = (index, position)
+                    yield key, Dealt(batch, _counts(batch, sizes[i], samples)), last
+                else:
+                    yield key, Dealt(self._stand_in, _counts(self._stand_in, 0, samples)), last
 
-        Accelerate's dispatcher splits each group of `processes` batches evenly between the ranks and fills
-        a last group that does not split evenly with samples from the epoch's start, which would train
-        those twice. Instead its last samples (fewer than one per process) are left out, and said."""
-        group: list[tuple] = []
-        for item in batches:
-            if len(group) == self.processes:  # a full group, and the stream goes on: it is not the last
-                yield from group
-                group = []
-            group.append(item)
-        total = sum(find_batch_size(batch) for _, batch, _ in group)
-        cut = total % self.processes
-        if cut:
-            print(
-                f"dist_train: epoch {self.epoch}: the stream's last {cut} sample(s) are left out: its last global batch of "
-                f"{total} samples does not split evenly over {self.processes} processes (filling it would train samples twice)",
-                flush=True,
-            )
-        while cut:
-            index, batch, position = group.pop()
-            size = find_batch_size(batch)
-            if size > cut:
-                group.append((index, slice_tensors(batch, slice(0, size - cut)), position))
-            cut = max(cut - size, 0)
-        yield from group
+    def weighed(self, item: Dealt) -> tuple[object, float]:
+        """The rows of `item` this rank trains on, and the factor on its mean loss: `processes x accumulation x
+        (its samples) / (the step's samples)`, exactly 1 in a step of full batches, 0 for a stand-in (as for
+        map-style data, data/epoch.py)."""
+        mine, samples = torch.stack([item.steps.count_nonzero(), item.steps.max()]).tolist()
+        if not mine:
+            return item.batch, 0.0
+        batch = item.batch if mine == len(item.steps) else slice_tensors(item.batch, slice(0, mine))
+        return batch, self.processes * self.accumulation * mine / samples
+
+
+class Dealt(NamedTuple):
+    """A stream's batch as a rank receives it: `steps` has one entry per row, the step's sample count for a real
+    row and 0 for padding (the rows after the real ones). A NamedTuple: Accelerate's dispatcher, `concatenate` and
+    `send_to_device` keep its type."""
+
+    batch: object
+    steps: torch.Tensor
+
+
+def _counts(batch, real: int, samples: int) -> torch.Tensor:
+    counts = torch.zeros(find_batch_size(batch), dtype=torch.long)
+    counts[:real] = samples
+    return counts
+
+
+def _parts(batches: list, processes: int) -> list[tuple[object, int]]:
+    """One global micro-batch (`processes` of the user's batches, fewer at the stream's end) as one part per rank
+    and its real rows: each batch its rank's where they are `processes` batches of one size; otherwise all rows
+    cut as evenly as possible (`share`), each part padded to the longest with copies of its first row (of the
+    group's first row for an empty part)."""
+    sizes = [find_batch_size(batch) for batch in batches]
+    if len(batches) == processes and len(set(sizes)) == 1:
+        return [(batch, size) for batch, size in zip(batches, sizes)]
+    rows = concatenate(batches, dim=0) if len(batches) > 1 else batches[0]
+    real = [share(sum(sizes), processes, rank) for rank in range(processes)]
+    longest, start, parts = max(real), 0, []
+    for count in real:
+        index = torch.tensor(list(range(start, start + count)) + [start if count else 0] * (longest - count))
+        parts.append((recursively_apply(lambda tensor, index=index: tensor[index.to(tensor.device)], rows), count))
+        start += count
+    return parts
+
+
+def _broadcast_object(obj, source: int):
+    holder = [obj]
+    torch.distributed.broadcast_object_list(holder, src=source)
+    return holder[0]
 
 
 def stream_loader(loader: DataLoader, cfg: Config, world_size: int) -> DataLoader:
@@ -273,10 +343,10 @@ def stream_loader(loader: DataLoader, cfg: Config, world_size: int) -> DataLoade
     if not stateful(loader) and stateful(loader.dataset) and loader.num_workers > 0 and not state_misses_buffer(loader.dataset):
         loader = _stateful_loader(loader, cfg)
     per_rank = split_by_rank(loader, cfg, "training")
-    # Batches read ahead of the step boundary: a step's accumulation, Accelerate's one micro-batch ahead, and
-    # the one group `_evened` holds back.
+    # Batches read ahead of the step boundary: the step `_dealt` / `_agreed` holds back, and Accelerate's one
+    # micro-batch ahead.
     keep = 2 * world_size * (cfg.grad_accum_steps + 3)
-    stream = StreamBatches(loader, cfg.seed, cfg.batch_size, world_size, keep, per_rank=per_rank)
+    stream = StreamBatches(loader, cfg.seed, cfg.batch_size, world_size, keep, per_rank=per_rank, accumulation=cfg.grad_accum_steps)
     batches = DataLoader(stream, batch_size=None, collate_fn=_as_is)
     batches.per_rank = per_rank  # data.prepare_loaders: a per-rank stream is not dispatched by Accelerate
     return batches
