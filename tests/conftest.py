@@ -62,6 +62,8 @@ SLOW_TESTS = {
     "test_an_unused_parameter_on_two_ranks_is_named_or_allowed",
     "test_a_full_disk_at_the_final_save_is_one_line_and_keeps_the_checkpoints",
     "test_a_skipped_step_leaves_batchnorm_statistics_untouched",
+    # test_exact_tail: every data source on 1, 2 and 3 ranks
+    "test_every_data_source_trains_each_id_once_per_epoch_on_1_2_3_ranks",
     # test_streaming, test_watchdog
     "test_each_streamed_sample_is_trained_on_once_per_epoch",
     "test_a_schedule_that_needs_the_length_asks_for_max_steps",

@@ -12,8 +12,8 @@ from accelerate.data_loader import BatchSamplerShard
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
 
 from dist_train.config import load_config
-from dist_train.data.fastdata import TensorBatches, can_use_fast_path
 from dist_train.data.epoch import EpochSampler, ExactBatches
+from dist_train.data.fastdata import TensorBatches, can_use_fast_path
 from dist_train.data.loaders import _with_epoch_sampler, epoch_sampler
 from helpers import load_weights, run_clis, seed_project_args, write_seed_project
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import json
 import random
-import re
 import textwrap
 from pathlib import Path
 
