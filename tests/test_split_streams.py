@@ -198,24 +198,28 @@ def _val_loss(project: Path, weights: dict) -> float:
 
 @pytest.mark.parametrize("source, num_workers", [("user", 2), ("hf", 0), ("stateless", 0)])
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(project, tmp_path, source, num_workers):
-    """2 ranks, 10 steps per epoch (parts of 54 and 38): saves at 4; killed in step 6 of epoch 0."""
+    """2 ranks, 14 steps per epoch (parts of 54 and 38 at batch 4: rank 1 runs out after 10 and trains stand-ins):
+    saves every 4; killed in step 14 of epoch 0, so the resume at step 12 finds rank 1's part spent: its stand-in
+    comes from rank 0, and its saved position (state or replay) is the end of its part."""
     reference, out = tmp_path / "reference", tmp_path / "run"
     ids_reference, ids_killed, ids_resumed = tmp_path / "ids_reference", tmp_path / "ids_killed", tmp_path / "ids_resumed"
     ids_reference.mkdir(), ids_killed.mkdir(), ids_resumed.mkdir()
     args = {run: _args(project, run, source, num_workers, "checkpoint_every=4") for run in (reference, out)}
     _, killed = run_clis(
         {"args": args[reference], "nproc": 2, "env": {"IDS_DIR": str(ids_reference)}},
-        {"args": args[out], "nproc": 2, "check": False, "env": {"KILL_AT_FORWARD": "6", "IDS_DIR": str(ids_killed)}},
+        {"args": args[out], "nproc": 2, "check": False, "env": {"KILL_AT_FORWARD": "14", "IDS_DIR": str(ids_killed)}},
     )
     assert killed.returncode != 0 and not (out / "model.safetensors").exists()
-    manifest = read_manifest(out / "checkpoints" / "step_00000004")
-    assert manifest["samples_consumed"] == 32 and "data_state.pt" in manifest["files"]
+    manifest = read_manifest(out / "checkpoints" / "step_00000012")
+    assert manifest["samples_consumed"] == 96 and "data_state.pt" in manifest["files"]
     resumed = run_cli(args[out], nproc=2, env={"IDS_DIR": str(ids_resumed)})
-    assert "at optimizer step 4 (epoch 0, 32 samples into it" in resumed.stdout
+    assert "at optimizer step 12 (epoch 0, 96 samples into it" in resumed.stdout
     got, want = load_weights(out), load_weights(reference)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    # The killed run's first 4 steps, then the resumed run: the uninterrupted run's ids, rank by rank, step by step.
-    assert [before[:4] + after for before, after in zip(_forwards(ids_killed), _forwards(ids_resumed))] == _forwards(ids_reference)
+    # The killed run's first 12 steps, then the resumed run: the uninterrupted run's ids, rank by rank, step by step.
+    killed_ids, resumed_ids = _forwards(ids_killed), _forwards(ids_resumed)
+    assert [before[:12] + after for before, after in zip(killed_ids, resumed_ids)] == _forwards(ids_reference)
+    assert resumed_ids[1][:2] == [[], []]  # rank 1 resumed with nothing left: stand-ins
 
 
 def test_a_mid_epoch_checkpoint_on_another_world_size_is_refused_untouched(project, tmp_path):
