@@ -12,7 +12,8 @@ past it): every promise below is a statement about which stretch of it a run see
 as multisets of the order (a weighted draw repeats indices; a permutation holds each once). `deal` also
 checks the loss weights: in every optimizer step each real sample's share of the gradient is 1 / (the
 step's samples). The batch_sampler path (a user's batches, dealt whole, the last global micro-batch
-completed with stand-ins) has its own property at the end, with the same weights check.
+completed with stand-ins) has its own property, with the same weights check, and so has a stream dealt from
+rank 0 (its batches of drawn sizes, short ones inside it too, cut by `StreamBatches._dealt`).
 
 Runs are derandomized (the examples follow from each test's source), so CI is deterministic and a
 failure replays by running the file again; Hypothesis also prints the falsifying example and a
@@ -37,6 +38,7 @@ from dist_train.config import load_config
 from dist_train.data import planned_steps
 from dist_train.data.epoch import EpochSampler, ExactBatches, UserBatches
 from dist_train.data.loaders import _with_epoch_sampler, epoch_sampler
+from dist_train.data.streams import StreamBatches
 from dist_train.data.user_order import UserOrder
 from dist_train.errors import UserError
 from dist_train.state import TrainState
@@ -505,3 +507,45 @@ def test_the_batch_sampler_path_deals_the_users_batches_whole(
             continue  # refused by the checkpoint's position check; past the end: the epoch is over
         combined = whole[:offset] + deal_batches(num_samples, max_batch, seed, epoch, resumed_world, resumed_accum, offset)
         assert combined == draw
+
+
+# ---- 6. a stream dealt from rank 0: every sample once, each step its samples' exact mean ----
+
+
+class _Listed(torch.utils.data.IterableDataset):
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+@MATRIX
+@example([5, 5, 5, 2], 3, 1)  # the epoch's last batch of 2 over 3 ranks: 2, then two stand-ins
+@example([4, 3, 4, 2, 4], 2, 2)  # short batches inside the stream (each DataLoader worker's last one)
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=24), st.integers(1, 3), st.integers(1, 3))
+def test_a_stream_is_dealt_each_sample_once_and_weighted_to_each_steps_mean(sizes, world_size, grad_accum_steps):
+    """The user's batches (sizes drawn, ids in order) through `StreamBatches._dealt`, then Accelerate's dispatcher
+    (each global micro-batch: `world_size` parts concatenated and sliced evenly), then each rank's `weighed`: the
+    real rows are every id once, in order; in every optimizer step each real sample's share of the gradient is
+    1 / (the step's samples); full batches are dealt whole with weight exactly 1."""
+    ids = iter(range(sum(sizes)))
+    batches = [torch.tensor([next(ids) for _ in range(size)]) for size in sizes]
+    stream = StreamBatches(DataLoader(_Listed(batches), batch_size=None), 0, 6, world_size, 10**6, accumulation=grad_accum_steps)
+    items = [item for _, item, _ in stream._dealt((i + 1, batch, None) for i, batch in enumerate(batches))]
+    assert len(items) % world_size == 0, "a global micro-batch without a part for every rank"
+    micro_batches = []
+    for first in range(0, len(items), world_size):
+        parts = items[first : first + world_size]
+        assert len({len(part.steps) for part in parts}) == 1, "parts the dispatcher cannot slice evenly"
+        micro_batches.append([stream.weighed(part) for part in parts])
+    trained = [batch.tolist() for ranks in micro_batches for batch, weight in ranks if weight]
+    assert sum(trained, []) == list(range(sum(sizes)))
+    for first in range(0, len(micro_batches), grad_accum_steps):
+        step = [pair for ranks in micro_batches[first : first + grad_accum_steps] for pair in ranks]
+        samples = sum(len(batch) for batch, weight in step if weight)
+        for batch, weight in step:
+            if weight:  # the rank's mean loss x weight, / accumulation (Accelerate), / ranks (DDP)
+                assert math.isclose(weight / (len(batch) * grad_accum_steps * world_size), 1 / samples)
+        if all(weight for _, weight in step) and len({len(b) for b, _ in step}) == 1 and len(step) == world_size * grad_accum_steps:
+            assert all(weight == 1.0 for _, weight in step)  # a full step: exactly 1, no arithmetic on the loss

@@ -4,6 +4,7 @@
 - `epoch.py`: an epoch's order of `(seed, epoch)`, its position, batches per rank and loss weights (the exact tail).
 - `user_order.py`: the user's own sampler or `batch_sampler`, drawn per epoch from the same seed.
 - `streams.py`: streams (`IterableDataset`), read on rank 0 and dealt, or read per rank when already split.
+- `stream_parts.py`: a dealt stream's global micro-batch cut into one part per rank, with its step's sample count.
 - `eval_order.py`: an evaluation set as one fixed list of samples (the user's sampler drawn once).
 - `fastdata.py`: the in-memory fast path for tensor datasets.
 - `batches.py`: what a batch is (`(inputs, targets)` or a dict), how the model is called on it.

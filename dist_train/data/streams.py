@@ -44,18 +44,17 @@ import copy
 import hashlib
 import itertools
 from collections.abc import Iterator, Mapping
-from typing import NamedTuple
 
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import concatenate, find_batch_size, gather, recursively_apply, slice_tensors
+from accelerate.utils import find_batch_size, gather, slice_tensors
 from torch.utils.data import DataLoader, IterableDataset
 
 from ..config import Config
 from ..errors import UserError
 from .batches import worker_settings
-from .epoch import share
+from .stream_parts import Dealt, counts, cut
 
 
 def stateful(obj) -> bool:
@@ -250,11 +249,11 @@ class StreamBatches(IterableDataset):
                 return
             samples = sum(find_batch_size(batch) for group in step for _, batch, _ in group)
             for group in step:
-                parts = _parts([batch for _, batch, _ in group], self.processes)
+                parts = cut([batch for _, batch, _ in group], self.processes)
                 index, _, position = group[-1]
                 for rank, (part, real) in enumerate(parts):
                     last = rank == len(parts) - 1  # the group's position is recorded with its last part
-                    yield (index if last else None), Dealt(part, _counts(part, real, samples)), (index, position)
+                    yield (index if last else None), Dealt(part, counts(part, real, samples)), (index, position)
             if len(step) < self.accumulation or len(step[-1]) < self.processes:
                 return  # the stream ended inside this step
 
@@ -272,21 +271,21 @@ class StreamBatches(IterableDataset):
             if mine:
                 self._stand_in = mine[0][1]
             told = torch.tensor([len(mine), sum(sizes), self._stand_in is not None], device=device)
-            counts = gather(told).view(-1, 3).tolist()
-            micro_batches, samples = max(c[0] for c in counts), sum(c[1] for c in counts)
+            ranks = gather(told).view(-1, 3).tolist()  # per rank: its micro-batches, its samples, whether it has a batch
+            micro_batches, samples = max(r[0] for r in ranks), sum(r[1] for r in ranks)
             if micro_batches == 0:
                 return
-            if any(c[0] < micro_batches and not c[2] for c in counts):  # a rank that has read nothing in this process
-                source = next(rank for rank, c in enumerate(counts) if c[2])
+            if any(r[0] < micro_batches and not r[2] for r in ranks):  # a rank that has read nothing in this process
+                source = next(rank for rank, r in enumerate(ranks) if r[2])
                 self._stand_in = _broadcast_object(self._stand_in, source)
             for i in range(micro_batches):
                 key += 1
                 if i < len(mine):
                     index, batch, position = mine[i]
                     last = (index, position)
-                    yield key, Dealt(batch, _counts(batch, sizes[i], samples)), last
+                    yield key, Dealt(batch, counts(batch, sizes[i], samples)), last
                 else:
-                    yield key, Dealt(self._stand_in, _counts(self._stand_in, 0, samples)), last
+                    yield key, Dealt(self._stand_in, counts(self._stand_in, 0, samples)), last
 
     def weighed(self, item: Dealt) -> tuple[object, float]:
         """The rows of `item` this rank trains on, and the factor on its mean loss: `processes x accumulation x
@@ -297,39 +296,6 @@ class StreamBatches(IterableDataset):
             return item.batch, 0.0
         batch = item.batch if mine == len(item.steps) else slice_tensors(item.batch, slice(0, mine))
         return batch, self.processes * self.accumulation * mine / samples
-
-
-class Dealt(NamedTuple):
-    """A stream's batch as a rank receives it: `steps` has one entry per row, the step's sample count for a real
-    row and 0 for padding (the rows after the real ones). A NamedTuple: Accelerate's dispatcher, `concatenate` and
-    `send_to_device` keep its type."""
-
-    batch: object
-    steps: torch.Tensor
-
-
-def _counts(batch, real: int, samples: int) -> torch.Tensor:
-    counts = torch.zeros(find_batch_size(batch), dtype=torch.long)
-    counts[:real] = samples
-    return counts
-
-
-def _parts(batches: list, processes: int) -> list[tuple[object, int]]:
-    """One global micro-batch (`processes` of the user's batches, fewer at the stream's end) as one part per rank
-    and its real rows: each batch its rank's where they are `processes` batches of one size; otherwise all rows
-    cut as evenly as possible (`share`), each part padded to the longest with copies of its first row (of the
-    group's first row for an empty part)."""
-    sizes = [find_batch_size(batch) for batch in batches]
-    if len(batches) == processes and len(set(sizes)) == 1:
-        return [(batch, size) for batch, size in zip(batches, sizes)]
-    rows = concatenate(batches, dim=0) if len(batches) > 1 else batches[0]
-    real = [share(sum(sizes), processes, rank) for rank in range(processes)]
-    longest, start, parts = max(real), 0, []
-    for count in real:
-        index = torch.tensor(list(range(start, start + count)) + [start if count else 0] * (longest - count))
-        parts.append((recursively_apply(lambda tensor, index=index: tensor[index.to(tensor.device)], rows), count))
-        start += count
-    return parts
 
 
 def _broadcast_object(obj, source: int):
@@ -408,14 +374,6 @@ def split_by_rank(loader: DataLoader, cfg: Config, split: str) -> bool:
             "Seed its randomness (from set_epoch() and the rank, if it splits itself by rank)."
         )
     return True
-
-
-def _every_rank(have: bool, device) -> bool:
-    """Whether every rank has a next batch (a collective: each rank calls it once per micro-batch, and once more
-    at its end)."""
-    flag = torch.tensor([1 if have else 0], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 _NOTHING = object()
