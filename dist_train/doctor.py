@@ -167,26 +167,12 @@ def run_doctor(cfg, timeout_s: float) -> int:
     try:
         accelerator = make_accelerator(dataclasses.replace(cfg, collective_timeout_s=max(1, int(timeout_s))))
     except (RuntimeError, OSError) as exc:  # DistStoreError, DistNetworkError: the group never formed
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(
-            f"dist-train doctor: FAILED: the process group did not form on rank {os.environ.get('RANK', '0')} "
-            f"({socket.gethostname()}) within {timeout_s:.0f} s: {first_line}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 1
+        return _failed(f"the process group did not form on rank {os.environ.get('RANK', '0')}", "", timeout_s, exc)
     try:
         views = gather_object([_local_view(cfg)])
         total = accelerator.reduce(torch.ones(1, device=accelerator.device), reduction="sum")
     except Exception as exc:  # a timeout or a dead peer surfaces as the backend's own error type
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        print(
-            f"dist-train doctor: FAILED: all_reduce smoke test on rank {accelerator.process_index} "
-            f"({socket.gethostname()}) did not complete within {timeout_s:.0f} s: {first_line}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return 1
+        return _failed(f"all_reduce smoke test on rank {accelerator.process_index}", "did not complete ", timeout_s, exc)
     views.sort(key=lambda v: v["rank"])
     problems = _problems(views, cfg)
     total = int(total.item())
@@ -206,3 +192,14 @@ def run_doctor(cfg, timeout_s: float) -> int:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 1 if problems else 0
+
+
+def _failed(what: str, verb: str, timeout_s: float, exc: BaseException) -> int:
+    """One line naming what failed on which rank and host, and the backend's first line; exit status 1."""
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    print(
+        f"dist-train doctor: FAILED: {what} ({socket.gethostname()}) {verb}within {timeout_s:.0f} s: {first_line}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 1

@@ -131,10 +131,7 @@ class Checkpointer(Resuming, ShardWriting):
             except OSError as exc:
                 error = self._write_error(exc)
             else:
-                try:
-                    self._prune(keep=final)
-                except OSError as exc:  # the new checkpoint is complete: a failed clean-up costs only disk space
-                    _warn(f"checkpoint {final.name} is saved, but pruning older ones failed ({exc}); remove them by hand.")
+                self._prune(keep=final)
         self._agree(error, tmp)
         self._last_saved = (step, self.state.state_dict())
         return final
@@ -181,10 +178,7 @@ class Checkpointer(Resuming, ShardWriting):
             if not is_write_failure(exc):
                 raise
             return self._write_error(exc)
-        try:
-            self._prune(keep=final)
-        except OSError as exc:  # the new checkpoint is complete: a failed clean-up costs only disk space
-            _warn(f"checkpoint {final.name} is saved, but pruning older ones failed ({exc}); remove them by hand.")
+        self._prune(keep=final)
         return None
 
     def wait(self) -> None:
@@ -276,6 +270,13 @@ class Checkpointer(Resuming, ShardWriting):
         shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self, keep: Path) -> None:
+        """`_remove_older`; a failure only warns: `keep` is complete, a failed clean-up costs only disk space."""
+        try:
+            self._remove_older(keep)
+        except OSError as exc:
+            _warn(f"checkpoint {keep.name} is saved, but pruning older ones failed ({exc}); remove them by hand.")
+
+    def _remove_older(self, keep: Path) -> None:
         """Remove leftovers of interrupted saves, then all but the newest `keep_last` (and the best).
 
         Runs only once `keep`, the newest checkpoint, is complete, so every leftover is older than it.

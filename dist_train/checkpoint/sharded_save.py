@@ -35,7 +35,6 @@ from torch.distributed.tensor import DTensor
 from ..accelerate_internals import micro_step
 from .async_save import DATA_STATE, HostCopier, is_write_failure, rng_state
 from .manifest import hash_files, owned_files, write_manifest
-from .resume import _warn as warn
 
 MODEL_DIR, OPTIMIZER_DIR = "pytorch_model_fsdp_0", "optimizer_0"  # Accelerate's names (fsdp_utils.save_fsdp_*)
 
@@ -143,8 +142,5 @@ class ShardWriting:
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             return self._write_error(exc)
-        try:
-            self._prune(keep=final)
-        except OSError as exc:  # the new checkpoint is complete: a failed clean-up costs only disk space
-            warn(f"checkpoint {final.name} is saved, but pruning older ones failed ({exc}); remove them by hand.")
+        self._prune(keep=final)
         return None
