@@ -537,8 +537,8 @@ def test_a_stream_is_dealt_each_sample_once_and_weighted_to_each_steps_mean(size
     micro_batches = []
     for first in range(0, len(items), world_size):
         parts = items[first : first + world_size]
-        assert len({len(part.steps) for part in parts}) == 1, "parts the dispatcher cannot slice evenly"
-        micro_batches.append([stream.weighed(part) for part in parts])
+        assert len({part.counts.shape for part in parts}) == 1, "parts the dispatcher cannot concatenate and slice evenly"
+        micro_batches.append([stream.weighed(part, rank) for rank, part in enumerate(parts)])
     trained = [batch.tolist() for ranks in micro_batches for batch, weight in ranks if weight]
     assert sum(trained, []) == list(range(sum(sizes)))
     for first in range(0, len(micro_batches), grad_accum_steps):

@@ -242,7 +242,7 @@ def weighed(position, batch, micro_batch: int, rank: int) -> tuple[object, float
     loss: 1, but where a step's batches are not all full (data/epoch.py; 0 for a stand-in batch). A stream's batch
     comes with its step's sample count and may carry padding rows, left out here (`StreamBatches.weighed`)."""
     if isinstance(batch, Dealt):
-        return position.weighed(batch)
+        return position.weighed(batch, rank)
     if isinstance(position, EpochSampler):
         return batch, position.loss_weight(micro_batch, rank)
     return batch, 1.0

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from ..config import Config
 from ..errors import UserError
 from .batches import worker_settings
-from .stream_parts import Dealt, counts, cut
+from .stream_parts import Dealt, cut
 
 
 def stateful(obj) -> bool:
@@ -249,11 +249,11 @@ class StreamBatches(IterableDataset):
                 return
             samples = sum(find_batch_size(batch) for group in step for _, batch, _ in group)
             for group in step:
-                parts = cut([batch for _, batch, _ in group], self.processes)
+                parts, real = cut([batch for _, batch, _ in group], self.processes)
                 index, _, position = group[-1]
-                for rank, (part, real) in enumerate(parts):
+                for rank, part in enumerate(parts):
                     last = rank == len(parts) - 1  # the group's position is recorded with its last part
-                    yield (index if last else None), Dealt(part, counts(part, real, samples)), (index, position)
+                    yield (index if last else None), Dealt.of(part, samples, real), (index, position)
             if len(step) < self.accumulation or len(step[-1]) < self.processes:
                 return  # the stream ended inside this step
 
@@ -283,18 +283,18 @@ class StreamBatches(IterableDataset):
                 if i < len(mine):
                     index, batch, position = mine[i]
                     last = (index, position)
-                    yield key, Dealt(batch, counts(batch, sizes[i], samples)), last
+                    yield key, Dealt.of(batch, samples, [sizes[i]]), last
                 else:
-                    yield key, Dealt(self._stand_in, counts(self._stand_in, 0, samples)), last
+                    yield key, Dealt.of(self._stand_in, samples, [0]), last
 
-    def weighed(self, item: Dealt) -> tuple[object, float]:
-        """The rows of `item` this rank trains on, and the factor on its mean loss: `processes x accumulation x
+    def weighed(self, item: Dealt, rank: int) -> tuple[object, float]:
+        """The rows of `item` rank `rank` trains on, and the factor on its mean loss: `processes x accumulation x
         (its samples) / (the step's samples)`, exactly 1 in a step of full batches, 0 for a stand-in (as for
-        map-style data, data/epoch.py)."""
-        mine, samples = torch.stack([item.steps.count_nonzero(), item.steps.max()]).tolist()
+        map-style data, data/epoch.py). No device sync: the counts are in a shape (`Dealt`)."""
+        mine, samples = item.real_rows(rank)
         if not mine:
             return item.batch, 0.0
-        batch = item.batch if mine == len(item.steps) else slice_tensors(item.batch, slice(0, mine))
+        batch = item.batch if mine == len(item.counts) else slice_tensors(item.batch, slice(0, mine))
         return batch, self.processes * self.accumulation * mine / samples
 
 
