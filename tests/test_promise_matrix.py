@@ -523,6 +523,7 @@ class _Listed(torch.utils.data.IterableDataset):
 @MATRIX
 @example([5, 5, 5, 2], 3, 1)  # the epoch's last batch of 2 over 3 ranks: 2, then two stand-ins
 @example([4, 3, 4, 2, 4], 2, 2)  # short batches inside the stream (each DataLoader worker's last one)
+@example([8] * 70, 64, 2)  # many ranks: the counts' shape does not grow with them
 @given(st.lists(st.integers(1, 6), min_size=1, max_size=24), st.integers(1, 3), st.integers(1, 3))
 def test_a_stream_is_dealt_each_sample_once_and_weighted_to_each_steps_mean(sizes, world_size, grad_accum_steps):
     """The user's batches (sizes drawn, ids in order) through `StreamBatches._dealt`, then Accelerate's dispatcher

@@ -249,11 +249,11 @@ class StreamBatches(IterableDataset):
                 return
             samples = sum(find_batch_size(batch) for group in step for _, batch, _ in group)
             for group in step:
-                parts, real = cut([batch for _, batch, _ in group], self.processes)
+                parts, in_group, whole = cut([batch for _, batch, _ in group], self.processes)
                 index, _, position = group[-1]
                 for rank, part in enumerate(parts):
                     last = rank == len(parts) - 1  # the group's position is recorded with its last part
-                    yield (index if last else None), Dealt.of(part, samples, real), (index, position)
+                    yield (index if last else None), Dealt.of(part, samples, in_group, int(whole)), (index, position)
             if len(step) < self.accumulation or len(step[-1]) < self.processes:
                 return  # the stream ended inside this step
 
@@ -283,15 +283,15 @@ class StreamBatches(IterableDataset):
                 if i < len(mine):
                     index, batch, position = mine[i]
                     last = (index, position)
-                    yield key, Dealt.of(batch, samples, [sizes[i]]), last
+                    yield key, Dealt.of(batch, samples, sizes[i]), last
                 else:
-                    yield key, Dealt.of(self._stand_in, samples, [0]), last
+                    yield key, Dealt.of(self._stand_in, samples, 0), last
 
     def weighed(self, item: Dealt, rank: int) -> tuple[object, float]:
         """The rows of `item` rank `rank` trains on, and the factor on its mean loss: `processes x accumulation x
         (its samples) / (the step's samples)`, exactly 1 in a step of full batches, 0 for a stand-in (as for
         map-style data, data/epoch.py). No device sync: the counts are in a shape (`Dealt`)."""
-        mine, samples = item.real_rows(rank)
+        mine, samples = item.real_rows(rank, self.processes)
         if not mine:
             return item.batch, 0.0
         batch = item.batch if mine == len(item.counts) else slice_tensors(item.batch, slice(0, mine))
