@@ -13,7 +13,6 @@ A user mistake (a `UserError`) prints one line naming the culprit and the fix, a
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import sys
@@ -166,11 +165,14 @@ def run() -> None:
     2.13's gloo, a finished rank's interpreter shutdown aborts now and then ("terminate called without
     an active exception", SIGABRT, seen in about 1 of 10 two-rank runs on CPU) after the process group
     was destroyed, which would turn a completed training into a failed job. Nothing is left to run at
-    that point: the weights, metrics and checkpoints are written and fsynced, trackers finished.
+    that point: the weights, metrics and checkpoints are written and fsynced, trackers finished. No
+    `gc.collect()` first: collecting DDP's Reducer there frees the last reference to the destroyed gloo
+    group, whose destructor holds the GIL while joining a worker thread that needs the GIL to free a
+    finished all_gather's tensors, a deadlock seen once in a few hundred two-rank runs (py-spy: main
+    thread in `~ProcessGroupGloo` under `gc_collect`, gloo's `runLoop` in `gil_scoped_acquire`).
     """
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        gc.collect()
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
