@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -140,22 +141,64 @@ def _finish(launcher: subprocess.Popen, timeout_s: float = 300) -> str:
         raise AssertionError(f"the launcher hung for {timeout_s} s:\n{output[-6000:]}") from None
 
 
-def test_a_killed_rank_restarts_the_group_and_the_run_matches_an_uninterrupted_one(project, tmp_path):
-    """SIGKILL rank 1 after the checkpoint at step 4: the agent restarts both ranks, they resume from it,
-    the job exits 0 and its final weights and metrics are those of an uninterrupted run."""
+class _Background:
+    """fn(*args) in a daemon thread; result() waits for it and returns its value or raises its exception, as the
+    test's own code would have."""
+
+    def __init__(self, fn, *args):
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, *args):
+        try:
+            self._value = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 (handed to the test that asks)
+            self._error = exc
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+@pytest.fixture(scope="module")
+def launched(project, tmp_path_factory) -> dict:
+    """The module's three launched jobs (a rank killed and restarted, a rank failing every attempt, a restarted group
+    that cannot form), all started by the first test that asks, each in a thread: most of their time is waiting (the
+    slow model's sleeps, restarts, a startup timeout), which one job at a time left a core idle. Each test asserts on
+    what its own job did. (Every job is started, its environment read, before that test ends: no later test's
+    monkeypatched variables reach it.)"""
+    return {
+        "killed": _Background(_kill_a_rank_and_let_the_agent_restart_it, project, tmp_path_factory.mktemp("killed")),
+        "same_step": _Background(_fail_at_the_same_step_every_time, project, tmp_path_factory.mktemp("same_step")),
+        "no_group": _Background(_restart_a_group_that_cannot_form, tmp_path_factory.mktemp("no_group")),
+    }
+
+
+def _kill_a_rank_and_let_the_agent_restart_it(project: Path, root: Path) -> dict:
     args = lambda out: _args(project, out, "checkpoint_every=4", f"model={project / 'slow_model.py'}:SlowModel", "model_args.delay_s=0.05")
-    reference = _launch(args(tmp_path / "reference"), max_restarts=0)
-    run = _launch(args(tmp_path / "run"), max_restarts=2)
-    _wait_for_step(tmp_path / "run", run, 6)
+    reference = _launch(args(root / "reference"), max_restarts=0)
+    run = _launch(args(root / "run"), max_restarts=2)
+    _wait_for_step(root / "run", run, 6)
     os.kill(_rank_pid(run, 1), signal.SIGKILL)
     output = _finish(run)
+    return {"root": root, "run": run, "output": output, "reference": reference, "reference_output": _finish(reference)}
+
+
+def test_a_killed_rank_restarts_the_group_and_the_run_matches_an_uninterrupted_one(launched):
+    """SIGKILL rank 1 after the checkpoint at step 4: the agent restarts both ranks, they resume from it,
+    the job exits 0 and its final weights and metrics are those of an uninterrupted run."""
+    seen = launched["killed"].result()
+    tmp_path, run, output, reference = seen["root"], seen["run"], seen["output"], seen["reference"]
     assert run.returncode == 0, output[-6000:]
     assert "restart 1 (--max_restarts 2): attempt 1 failed at optimizer step" in output, output[-6000:]
     assert "rank 1 left no error record" in output, output[-6000:]
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at optimizer step (\d+)", output)]
     assert len(resumed) == 1 and resumed[0] >= 4 and resumed[0] % 4 == 0, output[-6000:]
 
-    reference_output = _finish(reference)
+    reference_output = seen["reference_output"]
     assert reference.returncode == 0, reference_output[-4000:]
     expected, got = load_weights(tmp_path / "reference"), load_weights(tmp_path / "run")
     assert expected.keys() == got.keys()
@@ -173,14 +216,19 @@ def test_a_killed_rank_restarts_the_group_and_the_run_matches_an_uninterrupted_o
     assert first["previous"] is None and second["previous"]["ranks"] == [1] and second["refused"] is None
 
 
-def test_a_rank_that_fails_at_the_same_step_every_time_stops_the_run_naming_it(project, tmp_path):
-    """Rank 1 raises in step 3 of every attempt: after two such attempts the third refuses to compute the
-    same steps again, the launcher's restarts are used up and it fails; the output names rank 1 and step 3."""
-    out = tmp_path / "run"
+def _fail_at_the_same_step_every_time(project: Path, root: Path) -> dict:
+    out = root / "run"
     started = time.monotonic()
     run = _launch(_args(project, out, f"model={project / 'crash_model.py'}:CrashModel"), max_restarts=2)
     output = _finish(run)
-    elapsed = time.monotonic() - started
+    return {"out": out, "run": run, "output": output, "elapsed": time.monotonic() - started}
+
+
+def test_a_rank_that_fails_at_the_same_step_every_time_stops_the_run_naming_it(launched):
+    """Rank 1 raises in step 3 of every attempt: after two such attempts the third refuses to compute the
+    same steps again, the launcher's restarts are used up and it fails; the output names rank 1 and step 3."""
+    seen = launched["same_step"].result()
+    out, run, output, elapsed = seen["out"], seen["run"], seen["output"], seen["elapsed"]
     assert run.returncode != 0, output[-6000:]
     assert output.count("dist_train: rank 1 failed at optimizer step 3: RuntimeError: boom in forward call 3") == 2, output[-6000:]
     assert (
@@ -220,9 +268,7 @@ time.sleep(300)  # the agent stops it to restart the group
 """
 
 
-def test_a_restarted_group_that_cannot_form_fails_within_the_startup_timeout(tmp_path):
-    """The process group is made with startup_timeout_s (not collective_timeout_s, 30 min) and with this
-    attempt's keys: rank 0 waits for the restarted rank 1 for 5 s, never for the dead one's old address."""
+def _restart_a_group_that_cannot_form(tmp_path: Path) -> dict:
     script = tmp_path / "worker.py"
     script.write_text(_NEVER_REJOINS)
     command = [
@@ -247,7 +293,14 @@ def test_a_restarted_group_that_cannot_form_fails_within_the_startup_timeout(tmp
         cwd=tmp_path,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
     )
-    elapsed = time.monotonic() - started
+    return {"result": result, "elapsed": time.monotonic() - started}
+
+
+def test_a_restarted_group_that_cannot_form_fails_within_the_startup_timeout(launched):
+    """The process group is made with startup_timeout_s (not collective_timeout_s, 30 min) and with this
+    attempt's keys: rank 0 waits for the restarted rank 1 for 5 s, never for the dead one's old address."""
+    seen = launched["no_group"].result()
+    result, elapsed = seen["result"], seen["elapsed"]
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "attempt 0 rank 0: group formed" in output and "attempt 0 rank 1: group formed" in output, output[-4000:]

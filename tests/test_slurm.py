@@ -13,7 +13,10 @@ slurm packages, one network namespace per node; needs root) and stop it at the e
   DIST_TRAIN_SLURM=off                skip these tests
 
 All jobs are submitted at once when the module starts, so the cluster runs them side by side; each
-test waits for the job it asserts on. Jobs run on CPU (GPUS_PER_NODE=0) through the scripts' own
+test waits for the job it asserts on. The three tests that kill a process of a running job (a rank, a rank to be
+restarted, a node's launcher) do so from background threads started with the jobs, each as soon as its job has
+trained enough, so that those jobs overlap the others instead of running one after another; each test then asserts
+on what its thread saw. Jobs run on CPU (GPUS_PER_NODE=0) through the scripts' own
 settings; the training config and overrides are the scripts' arguments.
 
 Network rule: the sandbox keeps all traffic inside namespaces it made (and an `unreachable` route for
@@ -241,29 +244,64 @@ def jobs(slurm, project):
             sbatch_flags=["--nodes=2"],
             env={**cpu, "PROCS_PER_NODE": "1", "MAX_RESTARTS": "0"},
         ),
-        # The single job's training on 2 nodes; the test kills its rank on node2 and the agents restart it (MAX_RESTARTS: 3).
-        # Held until its test releases it, so that it still trains when the test gets to it.
+        # The single job's training on 2 nodes; a thread kills its rank on node2 and the agents restart it (MAX_RESTARTS: 3).
         "mrestart": slurm.submit(
             "train_multinode.sbatch",
             "mrestart",
             [*config, *slow, f"output_dir={slurm.workdir / 'mrestart' / 'out'}"],
-            sbatch_flags=["--nodes=2", "--hold"],
+            sbatch_flags=["--nodes=2"],
             env={**cpu, "PROCS_PER_NODE": "1"},
         ),
-        # The same training; the test SIGKILLs the launcher on node2 (held until then, like mrestart), then resubmits it.
+        # The same training; a thread SIGKILLs the launcher on node2, then resubmits it.
         "mlauncher": slurm.submit(
             "train_multinode.sbatch",
             "mlauncher",
             [*config, *slow, f"hang_timeout_s={LAUNCHER_HANG_TIMEOUT_S}", f"output_dir={slurm.workdir / 'mlauncher' / 'out'}"],
-            sbatch_flags=["--nodes=2", "--hold"],
+            sbatch_flags=["--nodes=2"],
             env={**cpu, "PROCS_PER_NODE": "1"},
         ),
     }
     for name in ("preempt", "mpreempt"):
         threading.Thread(target=_raise_time_limit_after_first_requeue, args=(submitted[name],), daemon=True).start()
     yield submitted
-    for name in ("mrestart", "mlauncher"):
-        slurm.run("scancel", submitted[name].id, check=False)  # still held if its test did not run (-k)
+    for name in ("multikill", "mrestart", "mlauncher"):
+        slurm.run("scancel", submitted[name].id, check=False)  # still running if its kill did not happen
+
+
+class _Background:
+    """fn(*args) in a daemon thread (one that never holds up the end of the session); result() waits for it and
+    returns its value or raises its exception, as the test's own code would have."""
+
+    def __init__(self, fn, *args):
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, *args):
+        try:
+            self._value = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 (handed to the test that asks)
+            self._error = exc
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kills(jobs, slurm):
+    """The kills, each in its own thread started with the jobs (autouse: before the module's first test, not when the
+    first test that asserts on one gets there), each as soon as its job has trained enough. Local sandbox only: they
+    find the processes through /proc."""
+    if not slurm.sandbox:
+        return {}
+    return {
+        "multikill": _Background(_kill_a_rank, jobs["multikill"], slurm),
+        "mrestart": _Background(_kill_a_rank_to_be_restarted, jobs["mrestart"], slurm),
+        "mlauncher": _Background(_kill_a_launcher_then_resubmit, jobs["mlauncher"], slurm),
+    }
 
 
 def _assert_completed(job: Job, fields: dict) -> None:
@@ -367,11 +405,8 @@ def _job_process(job_id: str, rank: int) -> int | None:
     return None
 
 
-def test_a_dead_rank_ends_the_multinode_job_naming_it(jobs, slurm):
-    """SIGKILL rank 1 (on node2): srun --kill-on-bad-exit stops node1's rank too; the log names rank 1."""
-    if not slurm.sandbox:
-        pytest.skip("kills a process through /proc: only on the local sandbox")
-    job = jobs["multikill"]
+def _kill_a_rank(job: Job, slurm: Slurm) -> dict:
+    """Once the job trains: SIGKILL rank 1 (on node2); the job's fields once it has ended (within 60 s)."""
     metrics = slurm.workdir / "multikill" / "out" / "metrics.jsonl"
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not (metrics.exists() and metrics.read_text().strip()):
@@ -386,27 +421,43 @@ def test_a_dead_rank_ends_the_multinode_job_naming_it(jobs, slurm):
             slurm.run("scancel", job.id, check=False)
             raise AssertionError(f"job {job.id} still running 60 s after rank 1 died:\n{job.log_text()[-3000:]}")
         time.sleep(0.5)
-    fields = slurm.job_fields(job.id)
+    return slurm.job_fields(job.id)
+
+
+def test_a_dead_rank_ends_the_multinode_job_naming_it(jobs, kills, slurm):
+    """SIGKILL rank 1 (on node2): srun --kill-on-bad-exit stops node1's rank too; the log names rank 1."""
+    if not slurm.sandbox:
+        pytest.skip("kills a process through /proc: only on the local sandbox")
+    job = jobs["multikill"]
+    fields = kills["multikill"].result()
     assert fields.get("JobState") == "FAILED", fields
     log = job.log_text()
     assert re.search(r"rank\s*:\s*1 \(local_rank: 0\)", log) and "SIGKILL" in log, log[-3000:]
 
 
-def test_a_rank_killed_on_the_second_node_is_restarted_and_the_job_matches_an_uninterrupted_run(jobs, slurm):
+def _wait_for_step_20(job: Job, slurm: Slurm, out: Path) -> None:
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not ((out / "metrics.jsonl").exists() and any(r.get("step", 0) >= 20 for r in read_metrics(out))):
+        assert time.monotonic() < deadline and slurm.job_fields(job.id).get("JobState") in ("PENDING", "RUNNING"), job.log_text()[-3000:]
+        time.sleep(0.5)
+
+
+def _kill_a_rank_to_be_restarted(job: Job, slurm: Slurm) -> None:
+    """Once the job is past step 20 (the first epoch's checkpoint, step 16, written): SIGKILL rank 1, on node2."""
+    _wait_for_step_20(job, slurm, slurm.workdir / "mrestart" / "out")
+    pid = _job_process(job.id, rank=1)
+    assert pid is not None, job.log_text()[-3000:]
+    assert b"SLURM_NODEID=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"), "rank 1 is not on the second node"
+    os.kill(pid, 9)
+
+
+def test_a_rank_killed_on_the_second_node_is_restarted_and_the_job_matches_an_uninterrupted_run(jobs, kills, slurm):
     """SIGKILL rank 1 (node2) after the first epoch's checkpoint: both nodes' agents restart their ranks
     (c10d rendezvous), the run resumes from the checkpoint, the job completes with the single job's weights."""
     if not slurm.sandbox:
         pytest.skip("kills a process through /proc: only on the local sandbox")
     job, out = jobs["mrestart"], slurm.workdir / "mrestart" / "out"
-    slurm.run("scontrol", "release", job.id)
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not ((out / "metrics.jsonl").exists() and any(r.get("step", 0) >= 20 for r in read_metrics(out))):
-        assert time.monotonic() < deadline and slurm.job_fields(job.id).get("JobState") in ("PENDING", "RUNNING"), job.log_text()[-3000:]
-        time.sleep(0.5)
-    pid = _job_process(job.id, rank=1)
-    assert pid is not None, job.log_text()[-3000:]
-    assert b"SLURM_NODEID=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"), "rank 1 is not on the second node"
-    os.kill(pid, 9)
+    kills["mrestart"].result()
     _assert_completed(job, job.wait())
     log = job.log_text()
     assert "restart 1 (--max_restarts 3): attempt 1 failed at optimizer step" in log and "rank 1 left no error record" in log, log[-5000:]
@@ -450,43 +501,52 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_a_dead_launcher_on_the_second_node_stops_every_rank_and_the_resubmitted_job_resumes(jobs, slurm):
-    """SIGKILL the `accelerate launch` on node2 (its rank lives in a session of its own): the ranks of both
-    nodes agree, save and stop within hang_timeout_s + 30 s, the log names rank 1's launcher; the job is
-    resubmitted unchanged and resumes from that checkpoint, ending with the single job's weights."""
-    if not slurm.sandbox:
-        pytest.skip("kills a process through /proc: only on the local sandbox")
-    job, out = jobs["mlauncher"], slurm.workdir / "mlauncher" / "out"
-    slurm.run("scontrol", "release", job.id)
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not ((out / "metrics.jsonl").exists() and any(r.get("step", 0) >= 20 for r in read_metrics(out))):
-        assert time.monotonic() < deadline and slurm.job_fields(job.id).get("JobState") in ("PENDING", "RUNNING"), job.log_text()[-3000:]
-        time.sleep(0.5)
+def _kill_a_launcher_then_resubmit(job: Job, slurm: Slurm) -> dict:
+    """Once the job is past step 20: SIGKILL the launcher on node2, watch its ranks stop (for up to hang_timeout_s +
+    30 s), and once the job has ended, what it left; then the same job submitted again (the Job; not waited for)."""
+    out = slurm.workdir / "mlauncher" / "out"
+    _wait_for_step_20(job, slurm, out)
     ranks, launcher = [_job_process(job.id, rank) for rank in (0, 1)], _launcher_process(job.id, node=1)
     assert None not in ranks and launcher is not None, job.log_text()[-3000:]
     os.kill(launcher, 9)
     killed = time.monotonic()
     while any(map(_running, ranks)) and time.monotonic() - killed < LAUNCHER_HANG_TIMEOUT_S + 30:
         time.sleep(0.2)
-    ended_s = time.monotonic() - killed
-    assert not any(map(_running, ranks)), (
-        f"ranks {[r for r in ranks if _running(r)]} still run {ended_s:.0f} s after:\n{job.log_text()[-3000:]}"
-    )
-    fields = job.wait()
-    log = job.log_text()
-    assert (
-        f"dist_train: error: the launcher of rank 1 (pid {launcher} on node2) died; every rank stopped after saving a checkpoint" in log
-    ), log[-5000:]
-    saved = int(sorted((out / "checkpoints").glob("step_*"))[-1].name.split("_")[1])
-    assert 20 <= saved < 160 and not (out / "model.safetensors").exists(), saved
-
-    rerun = slurm.submit(
+    seen = {"launcher": launcher, "ranks": ranks, "ended_s": time.monotonic() - killed, "still_running": [r for r in ranks if _running(r)]}
+    if seen["still_running"]:
+        return {**seen, "log": job.log_text()}
+    seen["fields"] = job.wait()
+    seen["log"] = job.log_text()
+    seen["saved"] = int(sorted((out / "checkpoints").glob("step_*"))[-1].name.split("_")[1])
+    seen["final_weights_before_rerun"] = (out / "model.safetensors").exists()
+    seen["rerun"] = slurm.submit(
         "train_multinode.sbatch",
         "mlauncher-rerun",
         job.args,
         sbatch_flags=["--nodes=2"],
         env={"GPUS_PER_NODE": "0", "DIST_TRAIN_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PROCS_PER_NODE": "1"},
     )
+    return seen
+
+
+def test_a_dead_launcher_on_the_second_node_stops_every_rank_and_the_resubmitted_job_resumes(jobs, kills, slurm):
+    """SIGKILL the `accelerate launch` on node2 (its rank lives in a session of its own): the ranks of both
+    nodes agree, save and stop within hang_timeout_s + 30 s, the log names rank 1's launcher; the job is
+    resubmitted unchanged and resumes from that checkpoint, ending with the single job's weights."""
+    if not slurm.sandbox:
+        pytest.skip("kills a process through /proc: only on the local sandbox")
+    out = slurm.workdir / "mlauncher" / "out"
+    seen = kills["mlauncher"].result()
+    launcher, ended_s, log = seen["launcher"], seen["ended_s"], seen["log"]
+    fields = seen.get("fields", {})
+    assert not seen["still_running"], f"ranks {seen['still_running']} still run {ended_s:.0f} s after:\n{log[-3000:]}"
+    assert (
+        f"dist_train: error: the launcher of rank 1 (pid {launcher} on node2) died; every rank stopped after saving a checkpoint" in log
+    ), log[-5000:]
+    saved = seen["saved"]
+    assert 20 <= saved < 160 and not seen["final_weights_before_rerun"], saved
+
+    rerun = seen["rerun"]
     _assert_completed(rerun, rerun.wait())
     assert re.search(rf"resumed from \S+ at optimizer step {saved}\b", rerun.log_text()), rerun.log_text()[-5000:]
     _assert_completed(jobs["single"], jobs["single"].wait())
