@@ -21,7 +21,7 @@ seed and its setup (`M<seed>:...`), and the file prints both, so a failure repla
 Promises:
 1. interrupted + resumed == uninterrupted, bitwise, at an epoch's last step, the final step and a
    mid-epoch step, on the same world size; and, on another world size at the same global batch,
-   equal to rounding with each sample once per epoch (plus the documented padding); and, on another
+   equal to rounding with each sample once per epoch (the exact tail: no padding); and, on another
    step size (batch and accumulation), each remaining epoch once, the run as long as that takes and its
    lr schedule spread over it (issue 19);
 2. `epochs=1`, then `epochs=2` in the same output_dir == a straight `epochs=2` run, bitwise;
@@ -517,7 +517,7 @@ def _resize_id() -> str:
 def test_a_resume_with_another_step_trains_each_remaining_epoch_once(runs, case):
     """Issue 19: the run's length and lr schedule come from where it stands. Saved mid-epoch, continued at
     another (batch, accumulation) with a linear schedule: the rest of that epoch and every later epoch each
-    hold every id once (plus the padding to whole steps of the new size), the run takes exactly those
+    hold every id once (the last step of each short, none padded), the run takes exactly those
     steps, and the linear decay spans them."""
     i, k, batch_size, accum = case
     setup = RESUME_SETUPS[i]
@@ -584,7 +584,7 @@ def test_n_ranks_are_one_rank_at_the_same_global_batch(runs, i, n):
 def test_accumulation_is_the_big_batch(runs, i):
     setup = WORLD_SIZE_SETUPS[i][0]
     big_setup = setup.on(batch_size=setup.batch_size * setup.grad_accum_steps, grad_accum_steps=1)
-    assert setup.train_size % big_setup.batch_size  # uneven data: the last step is padded on both sides
+    assert setup.train_size % big_setup.batch_size  # uneven data: the last step is short (and weighted) on both sides
     accumulated, big = runs.get_all(_world_run_spec(i, 1), (f"W{i}-big", big_setup))  # made at the same time
     assert big.sequence() == accumulated.sequence()
     assert_weights_equal(accumulated.out, big.out, exact=False)
