@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import random
 import resource
 import shutil
 import subprocess
@@ -51,6 +52,31 @@ EXACT = (
 )
 KILL_AT_FORWARD = {1: 21, 2: 14}  # rank 0's 21st / 14th training forward: inside step 11 / 7; last save 9 / 6
 
+# Three real-process matrices here are sampled, each case being a few real runs: the SIGKILL-resume test on 1 or 2
+# processes, the resume on another world size (2 -> 1 or 1 -> 2), and the asynchronous write killed before its
+# files, its manifest or its rename (the synchronous save's kill always runs). DIST_TRAIN_MATRIX_SEED (the seed
+# tests/test_promise_matrix_e2e.py draws by) picks one case of each, printed; the others are skipped, saying so.
+# DIST_TRAIN_FULL_MATRIX=1 runs every case:
+#     DIST_TRAIN_FULL_MATRIX=1 python -m pytest tests/test_checkpoint.py
+MATRIX_SEED = int(os.environ.get("DIST_TRAIN_MATRIX_SEED", "20250101"))
+FULL_MATRIX = os.environ.get("DIST_TRAIN_FULL_MATRIX") == "1"
+
+
+def _sample(name: str, cases: list) -> list:
+    """One of `cases`, drawn by the seed (all of them with DIST_TRAIN_FULL_MATRIX=1)."""
+    return list(cases) if FULL_MATRIX else random.Random(f"{MATRIX_SEED}/{name}").sample(list(cases), 1)
+
+
+def _sampled_params(cases: list, sampled: list) -> list:
+    skip = pytest.mark.skip(
+        reason=f"not in the sample of DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} ({sampled}); DIST_TRAIN_FULL_MATRIX=1 runs every case"
+    )
+    return [pytest.param(case, marks=() if case in sampled else skip) for case in cases]
+
+
+SIGKILL_SIZES = [1, 2]
+SIGKILL_SAMPLED = _sample("checkpoint_sigkill", SIGKILL_SIZES)
+
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
@@ -59,6 +85,17 @@ def project(tmp_path_factory) -> Path:
     return write_seed_project(
         tmp_path_factory.mktemp("ckpt_seed"), num_train=128, num_val=40, ids=True, files={"model.py": ids_model(dropout=0.25)}
     )
+
+
+@pytest.fixture(scope="module")
+def _announce_samples(request):
+    """The seed and the cases it picked, printed even without -s: another seed samples other cases."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        print(
+            f"\ncheckpoint: DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} samples SIGKILL on {SIGKILL_SAMPLED} process(es), the resize(s) "
+            f"{RESIZES_SAMPLED}, the asynchronous kill(s) {ASYNC_KILL_SAMPLED}; DIST_TRAIN_FULL_MATRIX=1 runs every case"
+        )
 
 
 def _args(project: Path, out: Path, *extra: str) -> list[str]:
@@ -73,15 +110,18 @@ def _refused(args: list[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(project, tmp_path_factory) -> dict[int, Path]:
-    """Uninterrupted runs (1 and 2 processes) that the interrupted ones must reproduce bit for bit."""
-    runs = {nproc: tmp_path_factory.mktemp(f"reference{nproc}") / "run" for nproc in (1, 2)}
+def reference(project, tmp_path_factory, _announce_samples) -> dict[int, Path]:
+    """Uninterrupted runs that the interrupted ones must reproduce bit for bit: on 1 process (every test here that
+    needs one), and on 2 when the SIGKILL sample has 2 processes."""
+    runs = {nproc: tmp_path_factory.mktemp(f"reference{nproc}") / "run" for nproc in sorted({1, *SIGKILL_SAMPLED})}
     run_clis(*({"args": _args(project, out, *EXACT), "nproc": nproc} for nproc, out in runs.items()))
     return runs
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", _sampled_params(SIGKILL_SIZES, SIGKILL_SAMPLED))
 def test_sigkill_then_resume_is_bitwise_identical(project, reference, tmp_path, nproc):
+    """A sampled matrix (see SIGKILL_SAMPLED): `DIST_TRAIN_FULL_MATRIX=1 python -m pytest tests/test_checkpoint.py -k sigkill`
+    runs 1 and 2 processes."""
     out = tmp_path / "run"
     killed = run_cli(_args(project, out, *EXACT), nproc=nproc, check=False, env={"KILL_AT_FORWARD": str(KILL_AT_FORWARD[nproc])})
     assert killed.returncode != 0 and not (out / "model.safetensors").exists()
@@ -109,13 +149,14 @@ def _epoch_ids(first: dict, second: dict, first_epoch_rest: int, world_sizes: tu
 
 
 RESIZES = [(2, 1), (1, 2)]
+RESIZES_SAMPLED = _sample("checkpoint_resize", RESIZES)
 RESIZE_COMMON = ("epochs=2", "batch_size=8", "checkpoint_every=1")
 
 
 @pytest.fixture(scope="module")
-def resized(project, tmp_path_factory) -> dict[tuple[int, int], dict]:
-    """Both resizes at once: stopped after 3 steps on one world size, then finished on the other."""
-    cases = {sizes: {"root": tmp_path_factory.mktemp(f"resized{sizes[0]}to{sizes[1]}")} for sizes in RESIZES}
+def resized(project, tmp_path_factory, _announce_samples) -> dict[tuple[int, int], dict]:
+    """The sampled resizes at once: stopped after 3 steps on one world size, then finished on the other."""
+    cases = {sizes: {"root": tmp_path_factory.mktemp(f"resized{sizes[0]}to{sizes[1]}")} for sizes in RESIZES_SAMPLED}
     for case in cases.values():
         case["out"], case["ids"] = case["root"] / "run", (case["root"] / "ids0", case["root"] / "ids1")
         case["ids"][0].mkdir(), case["ids"][1].mkdir()
@@ -126,7 +167,8 @@ def resized(project, tmp_path_factory) -> dict[tuple[int, int], dict]:
         )
     )
     # 1 rank x 8, 3 steps = 24 samples in: a global batch of 16 (here 1 rank x 16; 2 x 8 alike) cannot deal the rest exactly.
-    cases[1, 2]["refusal"] = _refused(_args(project, cases[1, 2]["out"], *RESIZE_COMMON, "batch_size=16", "max_steps=null"))
+    if (1, 2) in cases:
+        cases[1, 2]["refusal"] = _refused(_args(project, cases[1, 2]["out"], *RESIZE_COMMON, "batch_size=16", "max_steps=null"))
     # The same global batch as the first run: 2 ranks x 4 = 8; 1 rank x 8 = 8 divides 48 (2 ranks x 8 x 3 steps).
     second_batch = {(2, 1): "batch_size=8", (1, 2): "batch_size=4"}
     results = run_clis(
@@ -144,9 +186,11 @@ def resized(project, tmp_path_factory) -> dict[tuple[int, int], dict]:
     return cases
 
 
-@pytest.mark.parametrize("sizes", RESIZES)
+@pytest.mark.parametrize("sizes", _sampled_params(RESIZES, RESIZES_SAMPLED))
 def test_resume_on_another_world_size_sees_each_sample_once_per_epoch(resized, sizes):
-    """Stopped mid-epoch on one world size, finished on the other: the rest of the epoch is exactly what was left."""
+    """Stopped mid-epoch on one world size, finished on the other: the rest of the epoch is exactly what was left.
+    A sampled matrix (see RESIZES_SAMPLED): `DIST_TRAIN_FULL_MATRIX=1 python -m pytest tests/test_checkpoint.py -k
+    another_world_size` runs both directions."""
     case = resized[sizes]
     out, (first_ids, second_ids) = case["out"], case["ids"]
     consumed = 3 * 8 * sizes[0]  # 2 ranks x 8: 3 steps = 48 of 128 samples; 1 rank x 8: 3 steps = 24 samples.
@@ -159,6 +203,7 @@ def test_resume_on_another_world_size_sees_each_sample_once_per_epoch(resized, s
 
 
 KILL_PHASES = ["sync", "files", "manifest", "rename"]  # a synchronous save; an asynchronous write before each part
+ASYNC_KILL_SAMPLED = _sample("checkpoint_async_kill", KILL_PHASES[1:])
 
 
 def _kill_during_save(project: Path, root: Path, phase: str) -> dict:
@@ -189,10 +234,12 @@ def _kill_during_save(project: Path, root: Path, phase: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def killed_in_save(project, tmp_path_factory):
-    """The four kill-and-resume runs at once (one thread each); a test gets its own's result or failure."""
-    pool = ThreadPoolExecutor(len(KILL_PHASES))
-    futures = {phase: pool.submit(_kill_during_save, project, tmp_path_factory.mktemp(f"kill_{phase}"), phase) for phase in KILL_PHASES}
+def killed_in_save(project, tmp_path_factory, _announce_samples):
+    """The synchronous and the sampled asynchronous kill-and-resume runs at once (one thread each); a test gets its
+    own's result or failure."""
+    phases = ["sync", *ASYNC_KILL_SAMPLED]
+    pool = ThreadPoolExecutor(len(phases))
+    futures = {phase: pool.submit(_kill_during_save, project, tmp_path_factory.mktemp(f"kill_{phase}"), phase) for phase in phases}
     yield futures
     pool.shutdown()
 
@@ -208,10 +255,12 @@ def test_kill_during_save_keeps_the_previous_checkpoint(killed_in_save, referenc
     assert not seen["tmp_left"]  # cleaned up by the next save
 
 
-@pytest.mark.parametrize("phase", KILL_PHASES[1:])
+@pytest.mark.parametrize("phase", _sampled_params(KILL_PHASES[1:], ASYNC_KILL_SAMPLED))
 def test_kill_during_an_asynchronous_write_keeps_the_previous_checkpoint(killed_in_save, reference, phase):
     """async_checkpoint: training goes on while step 12 is written; SIGKILL before its files, its manifest or
-    its rename: resume takes step 9, and the final weights are those of the uninterrupted synchronous run."""
+    its rename: resume takes step 9, and the final weights are those of the uninterrupted synchronous run. A sampled
+    matrix (see ASYNC_KILL_SAMPLED): `DIST_TRAIN_FULL_MATRIX=1 python -m pytest tests/test_checkpoint.py -k
+    asynchronous_write` runs all three phases."""
     seen = killed_in_save[phase].result()
     assert not seen["step_12"] and seen["step_9"]
     assert "step_00000009 at optimizer step 9" in seen["resumed"].stdout

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -51,6 +52,29 @@ def _train_steps(out: Path) -> list[dict]:
     return [r for r in read_metrics(out) if "lr" in r]
 
 
+# One finished run (1 epoch: 5 steps of 16 samples, a constant lr) that five tests below each continue in a copy of
+# its output_dir: a run that has nothing left to train, a changed lr, a changed schedule, a change the checkpoint
+# cannot take, a full disk at the final save. hidden=256 makes the final weights 21 kB (the full-disk test needs
+# them above its 8 kB file-size limit).
+FINISHED = ("batch_size=16", "log_every=1", "model_args={hidden: 256}")
+
+
+def _finished_args(project: Path, out: Path, *extra: str, lr: float = 0.01) -> list[str]:
+    return _auto(seed_project_args(project, out, *FINISHED, f"lr={lr}", *extra))
+
+
+@pytest.fixture(scope="module")
+def finished_run(project, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run_cli(_finished_args(project, out, "epochs=1"))
+    return out
+
+
+def _copy_of_finished_run(finished_run: Path, tmp_path: Path) -> Path:
+    """A copy of the finished run's output_dir (output_dir is not a key a resume compares) for one test to continue."""
+    return shutil.copytree(finished_run, tmp_path / "run")
+
+
 # ---- 1. continuing a finished run ------------------------------------------------------------------
 def test_continuing_the_builtin_task_with_more_epochs_is_the_straight_run(tmp_path):
     """`dist-train train epochs=1`, then `epochs=2`: 45 + 45 steps, no NaN, weights bitwise equal."""
@@ -81,46 +105,43 @@ def test_continuing_a_per_sample_dataset_run_is_the_straight_run(project, tmp_pa
     assert [r["step"] for r in val_records(tmp_path / "cont")] == [3, 6, 9]
 
 
-def test_a_finished_run_trains_nothing_more(project, tmp_path):
-    args = seed_project_args(project, tmp_path / "run", "epochs=1", "batch_size=16")
-    run_cli(args)
-    before = load_weights(tmp_path / "run")
-    again = run_cli(_auto(args))
+def test_a_finished_run_trains_nothing_more(project, finished_run, tmp_path):
+    out = _copy_of_finished_run(finished_run, tmp_path)
+    before = load_weights(out)
+    again = run_cli(_finished_args(project, out, "epochs=1"))
     assert "nothing to train" in again.stdout and "finished at optimizer step 5" in again.stdout
-    assert_weights_equal(load_weights(tmp_path / "run"), before)
+    assert_weights_equal(load_weights(out), before)
 
 
 # ---- 2. a changed key on resume ---------------------------------------------------------------------
-def test_a_changed_lr_on_resume_is_applied_and_said(project, tmp_path):
-    args = lambda *extra: _auto(seed_project_args(project, tmp_path / "run", "batch_size=16", "log_every=1", *extra))
-    run_cli(args("epochs=1", "lr=0.001"))
-    resumed = run_cli(args("epochs=2", "lr=0.05"))
-    assert "resume: lr: 0.001 -> 0.05 (applied from optimizer step 6 on)" in resumed.stdout
-    lrs = {r["step"]: r["lr"] for r in _train_steps(tmp_path / "run")}
-    assert [lrs[s] for s in range(1, 11)] == [0.001] * 5 + [0.05] * 5
-    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["lr"] == 0.05
+def test_a_changed_lr_on_resume_is_applied_and_said(project, finished_run, tmp_path):
+    out = _copy_of_finished_run(finished_run, tmp_path)  # trained at lr 0.01
+    resumed = run_cli(_finished_args(project, out, "epochs=2", lr=0.05))
+    assert "resume: lr: 0.01 -> 0.05 (applied from optimizer step 6 on)" in resumed.stdout
+    lrs = {r["step"]: r["lr"] for r in _train_steps(out)}
+    assert [lrs[s] for s in range(1, 11)] == [0.01] * 5 + [0.05] * 5
+    assert yaml.safe_load((out / "config.yaml").read_text())["lr"] == 0.05
 
 
-def test_a_changed_schedule_on_resume_follows_the_new_budget(project, tmp_path):
+def test_a_changed_schedule_on_resume_follows_the_new_budget(project, finished_run, tmp_path):
     """linear decay over 5 steps, continued to 10: the rate is the new schedule's at every step."""
-    args = lambda *extra: _auto(seed_project_args(project, tmp_path / "run", "batch_size=16", "log_every=1", "lr=0.1", *extra))
-    run_cli(args("epochs=1"))
-    run_cli(args("epochs=2", "lr_schedule=linear"))
-    lrs = {r["step"]: r["lr"] for r in _train_steps(tmp_path / "run")}
-    assert [lrs[s] for s in range(6, 11)] == pytest.approx([0.1 * (1 - s / 10) for s in range(5, 10)])
+    out = _copy_of_finished_run(finished_run, tmp_path)  # 5 steps at a constant 0.01
+    run_cli(_finished_args(project, out, "epochs=2", "lr_schedule=linear"))
+    lrs = {r["step"]: r["lr"] for r in _train_steps(out)}
+    assert [lrs[s] for s in range(6, 11)] == pytest.approx([0.01 * (1 - s / 10) for s in range(5, 10)])
 
 
-def test_a_change_the_checkpoint_cannot_take_is_refused_before_training(project, tmp_path):
-    args = lambda *extra: _auto(seed_project_args(project, tmp_path / "run", "batch_size=16", *extra))
-    run_cli(args("epochs=1"))
-    config_before = (tmp_path / "run" / "config.yaml").read_text()
-    metrics_before = (tmp_path / "run" / "metrics.jsonl").read_text()
+def test_a_change_the_checkpoint_cannot_take_is_refused_before_training(project, finished_run, tmp_path):
+    out = _copy_of_finished_run(finished_run, tmp_path)
+    args = lambda *extra: _finished_args(project, out, *extra)
+    config_before = (out / "config.yaml").read_text()
+    metrics_before = (out / "metrics.jsonl").read_text()
     result = run_cli(args("epochs=2", "optimizer=sgd"), check=False)
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
     assert "optimizer changes from 'adamw' to 'sgd' since checkpoint" in line and "Resume with optimizer: 'adamw'" in line
-    assert (tmp_path / "run" / "config.yaml").read_text() == config_before
-    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics_before
+    assert (out / "config.yaml").read_text() == config_before
+    assert (out / "metrics.jsonl").read_text() == metrics_before
 
 
 def test_a_resume_with_a_larger_step_trains_every_remaining_epoch_whole(tmp_path):
@@ -297,13 +318,13 @@ def test_a_missing_tracker_stops_before_training(project, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_a_full_disk_at_the_final_save_is_one_line_and_keeps_the_checkpoints(project, tmp_path):
+def test_a_full_disk_at_the_final_save_is_one_line_and_keeps_the_checkpoints(project, finished_run, tmp_path):
     """The final weights (21 kB with hidden=256) cannot be written under an 8 kB file-size limit."""
-    args = _auto(seed_project_args(project, tmp_path / "run", "epochs=1", "batch_size=16", "model_args={hidden: 256}"))
-    run_cli(args)
-    final = tmp_path / "run" / "model.safetensors"
+    out = _copy_of_finished_run(finished_run, tmp_path)
+    args = _finished_args(project, out, "epochs=1")
+    final = out / "model.safetensors"
     before = final.read_bytes()
-    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (8000, 8000))
     result = subprocess.run(
         cli_command(args), capture_output=True, text=True, preexec_fn=limit, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
@@ -312,7 +333,7 @@ def test_a_full_disk_at_the_final_save_is_one_line_and_keeps_the_checkpoints(pro
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("dist-train: error: cannot write the final weights to") and "existing checkpoints are untouched" in line
     assert final.read_bytes() == before  # the previous final weights were not truncated
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == checkpoints
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == checkpoints
 
 
 def test_a_run_stopped_by_sigterm_exits_143_after_saving(project, tmp_path):

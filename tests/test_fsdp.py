@@ -5,22 +5,26 @@ whether its sub-unit's weight is a DTensor and how many rows of it this rank hol
 hold one shard file per rank. The runs (a 96-sample train set, 23 validation samples: uneven over 2 and 3
 ranks) are made at once, in two waves:
 
-- one: 1 rank x batch 16; two: 2 ranks x 8; accum: 2 ranks x 4 x grad_accum_steps 2 (all fp32, AdamW);
+- one: 1 rank x batch 16; two: 2 ranks x 8; accum: 2 ranks x 4 x grad_accum_steps 2 (all fp32, AdamW); one, two
+  and the runs continued from them keep an EMA of the weights (sharded under FSDP2), and so does plain_one, the same
+  training on 1 process without FSDP;
 - features: 2 ranks, bf16, tied weights, auto_batch_size shrinking 16 -> 8 (both ranks "fit" 8: under FSDP
   the probe's forward is collective, see docs/fsdp.md); killed: the same, SIGKILLed mid-epoch, then resumed
   with `resume: auto`;
 - batchnorm: 2 ranks, fp32, BatchNorm (its statistics differ per rank under FSDP2); batchnorm_resumed: its
   mid-epoch checkpoint finished (BatchNorm in bf16 does not run on CPU: torch's CPU kernel wants one dtype);
-- resized: `two`'s mid-epoch checkpoint finished on 1 and on 3 ranks, `one`'s on 2;
+- resized: `two`'s mid-epoch checkpoint finished on 1 and on 3 ranks, `one`'s on 2 (2 -> 3 always; one of 2 -> 1 and
+  1 -> 2 drawn by DIST_TRAIN_MATRIX_SEED, both with DIST_TRAIN_FULL_MATRIX=1: see RESIZES_SAMPLED);
 - checkpointing_offload: activation checkpointing and CPU offload, 3 steps; async: `async_checkpoint: true`;
   corrupt: async's checkpoints of steps 6 and 9, one byte of rank 1's shard of step 9 flipped, resumed;
-  async_killed: async, every process SIGKILLed inside the background write of step 9, then resumed.
+  async_killed: async (with the EMA), every process SIGKILLed inside the background write of step 9, then resumed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -38,6 +42,7 @@ from dist_train.accelerate_internals import check_launch_backend
 from dist_train.checkpoint.manager import PAUSE_ENV
 from dist_train.checkpoint.manifest import MANIFEST, verify
 from dist_train.errors import UserError
+from dist_train.export import export
 from helpers import (
     FSDP_CPU_LAUNCH_CONFIG,
     assert_weights_equal,
@@ -112,9 +117,19 @@ class FsdpModel(nn.Module):
 # near-zero gradient into a visible one); AdamW where they must be bitwise, its state sharded in the checkpoints.
 COMMON = ("epochs=2", "optimizer=sgd", "lr=0.1", "momentum=0.9", "seed=3", "checkpoint_every=3", "keep_last=null")
 ADAMW = ("optimizer=adamw", "lr=0.01", "momentum=0")
+# An EMA of the weights (tests/test_ema.py's settings): a warmup, a start step and an update every 2nd step.
+EMA = ("ema_decay=0.8", "ema_warmup=true", "ema_start_step=2", "ema_every=2")
 FEATURES = ("batch_size=16", "auto_batch_size=true", "mixed_precision=bf16", *ADAMW)
 FEATURE_MODEL = {"tied": True, "oom_above": [8, 8], "rng_scale": True}
 BATCHNORM_MODEL = {"batchnorm": True, "rng_scale": True}
+
+# Resumes on another world size: 2 -> 3 ranks in every run (it is also the 3-rank run of the sharded-path and
+# validation tests); of 2 -> 1 and 1 -> 2 (a launch each) the suite runs one, drawn by DIST_TRAIN_MATRIX_SEED (the seed
+# tests/test_promise_matrix_e2e.py draws by), printed; the other is skipped, saying so. DIST_TRAIN_FULL_MATRIX=1 runs both.
+MATRIX_SEED = int(os.environ.get("DIST_TRAIN_MATRIX_SEED", "20250101"))
+FULL_MATRIX = os.environ.get("DIST_TRAIN_FULL_MATRIX") == "1"
+RESIZES = ["two_to_one", "one_to_two"]
+RESIZES_SAMPLED = RESIZES if FULL_MATRIX else random.Random(f"{MATRIX_SEED}/fsdp_resize").sample(RESIZES, 1)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +176,7 @@ def _killed_in_background_write(project: Path, root: Path) -> dict:
     """`async` again, every process SIGKILLed (as a lost node: the ranks, then the launcher) inside the background
     write of step 9: every rank's shards written and hashed, the manifest not yet (the main process's writer paused
     there by PAUSE_ENV), training going on meanwhile. What the output folder holds then, and after."""
-    call, marker = _call(project, root, "async_killed", 2, "batch_size=8", "async_checkpoint=true"), root / "paused"
+    call, marker = _call(project, root, "async_killed", 2, "batch_size=8", "async_checkpoint=true", *EMA), root / "paused"
     checkpoints, log = root / "async_killed" / "checkpoints", root / "async_killed.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", **call["env"], PAUSE_ENV: f"9:{marker}"}
     with open(log, "w") as output:
@@ -188,13 +203,17 @@ def _killed_in_background_write(project: Path, root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(project, tmp_path_factory) -> dict:
+def runs(project, tmp_path_factory, request) -> dict:
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # printed even without -s: another seed samples the other resize
+        print(f"\nfsdp: DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} samples the resize {RESIZES_SAMPLED}; DIST_TRAIN_FULL_MATRIX=1 runs both")
     root = tmp_path_factory.mktemp("fsdp")
     pool = ThreadPoolExecutor(1)  # async_killed beside the first wave
     killed_in_write = pool.submit(_killed_in_background_write, project, root)
+    plain_one = root / "plain_one"  # the EMA without FSDP: one process, no launcher
     first = run_clis(
-        _call(project, root, "one", 1, "batch_size=16"),
-        _call(project, root, "two", 2, "batch_size=8"),
+        _call(project, root, "one", 1, "batch_size=16", *EMA),
+        _call(project, root, "two", 2, "batch_size=8", *EMA),
         _call(project, root, "accum", 2, "batch_size=4", "grad_accum_steps=2"),
         _call(project, root, "features", 2, *FEATURES, model_args=FEATURE_MODEL),
         # 96 samples / (2 x 8) = 6 steps per epoch; rank 0's 5th forward (the probe at 8 is the 1st) is step 4's.
@@ -202,6 +221,7 @@ def runs(project, tmp_path_factory) -> dict:
         _call(project, root, "batchnorm", 2, "batch_size=8", *ADAMW, model_args=BATCHNORM_MODEL),
         _call(project, root, "checkpointing_offload", 2, "batch_size=8", "max_steps=3", launch="fsdp_checkpointing_offload.yaml"),
         _call(project, root, "async", 2, "batch_size=8", "async_checkpoint=true"),
+        {"args": _args(project, plain_one, "batch_size=16", *EMA)},
         check=False,
     )
     for result in first[:4] + first[5:]:
@@ -216,28 +236,31 @@ def runs(project, tmp_path_factory) -> dict:
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     # two's checkpoint of step 3 is 48 samples into epoch 0 (2 ranks x 8), one's also (1 rank x 16).
-    _continue_from(root / "two", 3, root / "two_to_one")
-    _continue_from(root / "two", 3, root / "two_to_three")
-    _continue_from(root / "one", 3, root / "one_to_two")
+    resizes = {
+        "two_to_one": ("two", 1, "batch_size=16", *EMA),
+        "one_to_two": ("one", 2, "batch_size=8", *EMA),
+        # 3 ranks x 8 = 24 divides the 48 samples done and the 48 left of epoch 0.
+        # 3 + 2 steps end epoch 0; the step budget (epochs x 4 steps at 3 ranks) would end the run in epoch 1.
+        "two_to_three": ("two", 3, "batch_size=8", "max_steps=9", *EMA),
+    }
+    resizes = {name: resizes[name] for name in [*RESIZES_SAMPLED, "two_to_three"]}
+    for name, (source, *_) in resizes.items():
+        _continue_from(root / source, 3, root / name)
     killed_in_write = killed_in_write.result()
     pool.shutdown()
     second = run_clis(
         {**_call(project, root, "killed", 2, *FEATURES, "resume=auto", model_args=FEATURE_MODEL), "env": {}},
-        _call(project, root, "two_to_one", 1, "batch_size=16", "resume=auto"),
-        _call(project, root, "one_to_two", 2, "batch_size=8", "resume=auto"),
-        # 3 ranks x 8 = 24 divides the 48 samples done and the 48 left of epoch 0.
-        # 3 + 2 steps end epoch 0; the step budget (epochs x 4 steps at 3 ranks) would end the run in epoch 1.
-        _call(project, root, "two_to_three", 3, "batch_size=8", "resume=auto", "max_steps=9"),
         _call(project, root, "batchnorm_resumed", 2, "batch_size=8", *ADAMW, "resume=auto", model_args=BATCHNORM_MODEL),
         _call(project, root, "corrupt", 2, "batch_size=8", "resume=auto"),
-        _call(project, root, "async_killed", 2, "batch_size=8", "async_checkpoint=true", "resume=auto"),
+        _call(project, root, "async_killed", 2, "batch_size=8", "async_checkpoint=true", *EMA, "resume=auto"),
+        *(_call(project, root, name, nproc, *extra, "resume=auto") for name, (_, nproc, *extra) in resizes.items()),
     )
     return {
         "root": root,
         "killed_resumed": second[0],
-        "resized": dict(zip(["two_to_one", "one_to_two", "two_to_three"], second[1:4])),
-        "corrupt": second[5],
-        "killed_in_write": {**killed_in_write, "resumed": second[6]},
+        "corrupt": second[2],
+        "killed_in_write": {**killed_in_write, "resumed": second[3]},
+        "resized": dict(zip(resizes, second[4:])),
     }
 
 
@@ -334,8 +357,18 @@ def test_resumed_mid_epoch_is_bitwise_the_uninterrupted_run(runs, pair):
         assert not torch.equal(weights["norm.running_var"], torch.ones(32))
 
 
-@pytest.mark.parametrize("name", ["two_to_one", "one_to_two", "two_to_three"])
+_SKIP_RESIZE = pytest.mark.skip(
+    reason=f"not in the sample of DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} ({RESIZES_SAMPLED}); DIST_TRAIN_FULL_MATRIX=1 runs every case"
+)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(name, marks=() if name in [*RESIZES_SAMPLED, "two_to_three"] else _SKIP_RESIZE) for name in [*RESIZES, "two_to_three"]],
+)
 def test_resume_on_another_world_size_sees_each_sample_once_per_epoch(runs, name):
+    """A sampled matrix (see RESIZES_SAMPLED): `DIST_TRAIN_FULL_MATRIX=1 python -m pytest tests/test_fsdp.py` runs
+    2 -> 1 and 1 -> 2 as well as 2 -> 3."""
     root = runs["root"]
     source, world = {"two_to_one": ("two", 1), "one_to_two": ("one", 2), "two_to_three": ("two", 3)}[name]
     assert f"written by {2 if source == 'two' else 1} processes" in runs["resized"][name].stdout
@@ -386,6 +419,24 @@ def test_sigkill_during_a_background_sharded_write_keeps_the_previous_checkpoint
     assert_weights_equal(root / "async_killed", root / "two")
     assert [r["val_loss"] for r in val_records(root / "async_killed")] == [r["val_loss"] for r in val_records(root / "two")]
     assert verify(root / "async_killed" / "checkpoints" / "step_00000009")["step"] == 9  # written again, whole
+
+
+def test_ema_under_fsdp2_is_sharded_resumes_bitwise_and_reshards(runs, tmp_path):
+    """The EMA under FSDP2 on 2 gloo ranks (moved here from tests/test_ema.py, on this module's runs): kept per shard
+    (saved by each rank, ema_fsdp/), equal to the EMA of the same training on one process without FSDP (plain_one)
+    and on one FSDP rank to 1e-5 (the reduce-scatter sums in another order); bitwise the uninterrupted run's after a
+    SIGKILL (async_killed: every rank killed inside a background write of its shards, resumed); resharded by a
+    checkpoint resumed on another world size (the sampled resize: 2 -> 1 or 1 -> 2 at the same global batch); and
+    exported from a sharded checkpoint merged on one process."""
+    root = runs["root"]
+    checkpoint = root / "two" / "checkpoints" / "step_00000003"
+    assert sorted(p.name for p in (checkpoint / "ema_fsdp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert not list(checkpoint.glob("custom_checkpoint_1.pkl"))  # not a whole copy on the main process
+    assert_weights_equal(root / "async_killed" / "ema", root / "two" / "ema")
+    for name in ["two", "one", *RESIZES_SAMPLED]:
+        assert_weights_equal(root / name / "ema", root / "plain_one" / "ema", exact=False, rtol=1e-5, atol=1e-5)
+    exported = export(checkpoint, tmp_path / "exported", ema=True)  # the shards merged on one process
+    assert load_file(str(exported / "model.safetensors")).keys() == load_file(str(root / "plain_one" / "ema" / "model.safetensors")).keys()
 
 
 def test_export_gathers_one_safetensors_that_load_model_loads_without_a_launcher(project, runs, tmp_path):
