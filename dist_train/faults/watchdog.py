@@ -6,7 +6,10 @@ hot path). A daemon thread on every rank checks the mark once a second. When a r
 threads to `output_dir/diagnostics/rank{R}.txt` and its position to `rank{R}.json`. The first rank to
 declare the hang (an exclusive create of `diagnostics/hang.json`, so on a shared file system exactly
 one) waits a few seconds for the others' files, prints one line naming the rank(s) that are behind the
-others and the files to read, and ends its process with status 1; the launcher then stops the rest.
+others and the files to read (kept in `diagnostics/hang_report.txt`), and ends its process with status
+1. The other ranks leave right after it, status 1 too, rather than wait for the launcher to stop them: a
+rank stuck in a C++ collective never runs a Python signal handler, and one that does takes TERM as "save
+at the next step boundary", which never comes, so torchrun would wait out its 30 s before its SIGKILL.
 
 "Behind" is decided from the positions: the ranks at the smallest (optimizer step, micro-batch, phase)
 are the culprits, since the others are waiting for them in a collective. With NCCL, PyTorch's flight
@@ -27,14 +30,15 @@ from pathlib import Path
 
 # The phases of one micro-batch, in order: a rank in an earlier phase at the same position is behind.
 PHASES = ("data", "forward", "backward", "optimizer", "step boundary", "validation", "checkpoint")
-HANG_FILE = "hang.json"
+HANG_FILE, REPORT_FILE = "hang.json", "hang_report.txt"
 GRACE_S = 10.0  # how long the declaring rank waits for the other ranks' stacks
+LEAVE_AFTER_S = GRACE_S + 5.0  # the longest a rank that did not declare waits for the report before it leaves
 
 
 def clear_stale(output_dir: str | Path) -> None:
     """Remove a previous run's hang declaration (main process, before any rank starts watching)."""
     folder = Path(output_dir) / "diagnostics"
-    for stale in [folder / HANG_FILE, *folder.glob("rank*.json")]:
+    for stale in [folder / HANG_FILE, folder / REPORT_FILE, *folder.glob("rank*.json")]:
         stale.unlink(missing_ok=True)
 
 
@@ -102,7 +106,13 @@ class HangWatchdog:
             self._dump(stalled_s)
             if not declared and self._declare(stalled_s):
                 self._report_and_exit()
-            return  # another rank reports; this one has left its stacks and keeps waiting with the job
+            # Another rank reports the hang and leaves; this one has left its stacks and follows it.
+            deadline = time.monotonic() + LEAVE_AFTER_S
+            while not (self.folder / REPORT_FILE).exists() and time.monotonic() < deadline:
+                if self._stop.wait(0.5):
+                    return
+            self._stop.wait(1.0)  # so that the launcher sees the declaring rank fail first, as the root cause
+            os._exit(1)
 
     def _position(self, stalled_s: float) -> dict:
         return {
@@ -139,12 +149,13 @@ class HangWatchdog:
         deadline = time.monotonic() + GRACE_S
         while time.monotonic() < deadline and len(self._positions()) < self.world_size:
             time.sleep(0.5)
-        print(
-            f"dist_train: error: {describe_hang(self._positions(), self.world_size, self.timeout_s, self.folder)}",
-            file=sys.stderr,
-            flush=True,
-        )
-        os._exit(1)  # the main thread is stuck; the launcher stops the other ranks
+        line = f"dist_train: error: {describe_hang(self._positions(), self.world_size, self.timeout_s, self.folder)}"
+        print(line, file=sys.stderr, flush=True)
+        try:
+            (self.folder / REPORT_FILE).write_text(line + "\n")  # after the print: the others leave once it is there
+        except OSError:
+            pass  # (a full disk) the others leave after LEAVE_AFTER_S instead
+        os._exit(1)  # the main thread is stuck
 
     def _positions(self) -> list[dict]:
         found = []
