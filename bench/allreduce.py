@@ -1,6 +1,6 @@
 """Where a 2-process step's time goes (run by bench.scaling, under `accelerate launch`, 2 gloo processes).
 
-    accelerate launch --config_file launch_configs/cpu.yaml -m bench.allreduce mlp
+    accelerate launch --config_file launch_configs/cpu.yaml -m bench.allreduce mlp [BLOCKS]
 
 Prints one JSON line (rank 0) with, per optimizer step of the workload (1 thread per process):
 - `solo_step_ms`: forward, backward and fused AdamW step on rank 0 while rank 1 waits idle (no DDP);
@@ -10,7 +10,7 @@ Prints one JSON line (rank 0) with, per optimizer step of the workload (1 thread
   machine (caches, memory bandwidth, the other core) costs before any gradient is exchanged;
 - `concurrent_step_with_check_ms`: the same, with the loop's preemption check after every step, as the
   loop makes it on 2 ranks: wait for the asynchronous all-reduce (MAX) of one integer started by the
-  previous check, read it, start the next one; blocks of steps with and without it alternate;
+  previous check, read it, start the next one; BLOCKS (default 8) blocks of steps with and without it alternate;
 - `preemption_call_ms`: host time inside that check (the wait, the read, the start of the next round);
 - `preemption_check_ms`: what the check adds to a step, all of it (the median over the block pairs of
   with - without): the call, plus gloo's thread working for the all-reduce on the cores both ranks
@@ -78,7 +78,7 @@ def _ms(seconds: list[float]) -> float:
     return statistics.median(seconds) * 1e3
 
 
-def _two_process_parts(workload: str, rank: int, step) -> dict:
+def _two_process_parts(workload: str, rank: int, step, blocks: int = 8) -> dict:
     """The parts timed on both ranks at once (inside the process group)."""
     if step is None:
         step = _training_step(workload, rank)
@@ -87,7 +87,7 @@ def _two_process_parts(workload: str, rank: int, step) -> dict:
     try:
         without, with_check, calls, differences = [], [], [], []
         _time_steps(step, 2, preemption.requested)  # warm-up; the first check starts the first round
-        for _ in range(8):  # alternating blocks, so load from elsewhere falls on both alike
+        for _ in range(blocks):  # alternating blocks, so load from elsewhere falls on both alike
             dist.barrier()
             block_without = _time_steps(step, 5)[0]
             dist.barrier()
@@ -112,6 +112,7 @@ def _two_process_parts(workload: str, rank: int, step) -> dict:
 
 def main() -> None:
     workload = sys.argv[1]
+    blocks = int(sys.argv[2]) if len(sys.argv) > 2 else 8
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     report = {"workload": workload, "solo_step_ms": None, "preemption_check_one_process_us": None}
@@ -125,7 +126,7 @@ def main() -> None:
         finally:
             preemption.close()
     dist.init_process_group("gloo")
-    report.update(_two_process_parts(workload, rank, step))
+    report.update(_two_process_parts(workload, rank, step, blocks))
     if rank == 0:
         print(json.dumps(report), flush=True)
     dist.barrier()  # both ranks finish their collectives before either tears the group down

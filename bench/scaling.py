@@ -71,7 +71,8 @@ def gradient_numel(workload: str) -> int:
     return sum(p.numel() for p in build_model(workload).parameters())
 
 
-def run(steps: int = 30, window: int = 5, workload: str = "mlp", allreduce: bool = True, pairs: int = 1) -> dict:
+def run(steps: int = 30, window: int = 5, workload: str = "mlp", allreduce: bool = True, pairs: int = 1, blocks: int = 8) -> dict:
+    """`blocks`: the alternating blocks of bench.allreduce's preemption-check timing (fewer for a smoke run)."""
     windows = {1: [], 2: []}
     for pair in range(pairs):  # alternating 1 / 2 processes, as the A/B of the workloads
         for nproc in (1, 2) if pair % 2 == 0 else (2, 1):
@@ -97,7 +98,7 @@ def run(steps: int = 30, window: int = 5, workload: str = "mlp", allreduce: bool
         "gradient_mb": numel * 4 / 2**20,
     }
     if allreduce:
-        parts = json.loads(_launch(["bench.allreduce", workload], 2).stdout.strip().splitlines()[-1])
+        parts = json.loads(_launch(["bench.allreduce", workload, str(blocks)], 2).stdout.strip().splitlines()[-1])
         for key in (
             "solo_step_ms",
             "preemption_check_one_process_us",
