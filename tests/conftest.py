@@ -73,9 +73,30 @@ SLOW_TESTS = {
 }
 
 
+# tests/run.sh runs the non-serial tests on two xdist workers, a whole file at a time (--dist loadfile). xdist hands out
+# the files with the most tests first, but a file's cost follows its real processes, not its count of tests (the few
+# tests of test_exact_tail take minutes): a long file handed out late keeps one worker busy while the other, done,
+# waits. So the longest files (measured on 2 cores) go first, and the many short ones fill in at the end
+# (tests/run.sh passes --no-loadscope-reorder, so that xdist keeps this order).
+LONGEST_FILES_FIRST = [
+    "test_fsdp",
+    "test_streaming_resume",
+    "test_promise_matrix_e2e",
+    "test_split_streams",
+    "test_exactness",
+    "test_samplers",
+    "test_exact_tail",
+    "test_features",
+    "test_evaluation",
+    "test_checkpoint",
+    "test_bench",
+]
+
+
 def pytest_collection_modifyitems(config, items):
     """Markers by rule, so a new test is classified without remembering to: `slurm` for the SLURM sandbox,
-    `gpu` for tests skipped without CUDA, `slow` for those and for every test with several ranks."""
+    `gpu` for tests skipped without CUDA, `slow` for those and for every test with several ranks. Then the
+    longest files first (LONGEST_FILES_FIRST), each file's tests in their order."""
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
         nproc = getattr(item, "callspec", None) and item.callspec.params.get("nproc", 1)
@@ -90,6 +111,8 @@ def pytest_collection_modifyitems(config, items):
         name = item.name.split("[")[0]
         if module in SLOW_MODULES or (nproc or 1) > 1 or name in SLOW_TESTS or fixtures & SLOW_FIXTURES:
             item.add_marker(pytest.mark.slow)
+    rank = {module: i for i, module in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))  # stable
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,7 @@ fi
 # file each) use both cores; the `serial` tests (real timeouts and signals, SLURM) then run alone.
 # Exit status 5 is "no test selected" (a -k that matches only one part).
 status=0
-python -m pytest -n 2 --dist loadfile -m "not serial" --durations=15 "$@" || status=$?
+python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not serial" --durations=15 "$@" || status=$?
 [ "$status" = 0 ] || [ "$status" = 5 ] || exit "$status"
 status=0
 python -m pytest -m serial --durations=10 "$@" || status=$?
