@@ -314,7 +314,8 @@ def _train(cfg: Config, teardown: contextlib.ExitStack) -> dict:
                 checkpointer.save_final(model, subfolder="ema")  # output_dir/ema/model.safetensors
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        plot_if_available(out)  # curves.png, when matplotlib is installed
+        if cfg.plot:
+            plot_if_available(out)  # curves.png, when matplotlib is installed
         summary = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in validator.last.items())
         print(f"dist_train: finished at optimizer step {state.optimizer_step}" + (f": {summary}" if summary else ""))
         print(f"dist_train: outputs in {out.resolve()} (config.yaml, metrics.jsonl, model.safetensors)")

@@ -145,6 +145,7 @@ def test_per_token_loss_is_averaged_per_sample_exactly(tmp_path, nproc):
             "batch_size=4",
             f"output_dir={out}",
             "progress=false",
+            "plot=false",
             "resume=never",
         ],
         nproc=nproc,

@@ -127,6 +127,7 @@ epochs: 1
 lr: 0.0
 batch_size: 8
 progress: false
+plot: false
 resume: never
 monitor: val_f1
 monitor_mode: max

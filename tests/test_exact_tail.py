@@ -75,6 +75,7 @@ def test_one_process_is_the_users_own_loop_bitwise(tmp_path, monkeypatch):
             f"seed={seed}",
             f"output_dir={tmp_path / 'out'}",
             "progress=false",
+            "plot=false",
             "resume=never",
         ]
     )
@@ -185,6 +186,7 @@ def _source_args(folder: Path, out: Path, source: str, accumulation: int) -> lis
         "seed=5",
         "log_every=1",
         "progress=false",
+        "plot=false",
         "resume=never",
     ]
 

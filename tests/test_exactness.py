@@ -78,7 +78,7 @@ def _copy_of_finished_run(finished_run: Path, tmp_path: Path) -> Path:
 # ---- 1. continuing a finished run ------------------------------------------------------------------
 def test_continuing_the_builtin_task_with_more_epochs_is_the_straight_run(tmp_path):
     """`dist-train train epochs=1`, then `epochs=2`: 45 + 45 steps, no NaN, weights bitwise equal."""
-    common = ["progress=false", "log_every=1"]
+    common = ["progress=false", "plot=false", "log_every=1"]
     with ThreadPoolExecutor(1) as pool:  # the straight run alongside the other two (one-thread processes)
         straight = pool.submit(run_cli, [f"output_dir={tmp_path / 'straight'}", "epochs=2", *common])
         run_cli([f"output_dir={tmp_path / 'cont'}", "epochs=1", *common])
@@ -268,6 +268,7 @@ def test_a_skipped_step_leaves_batchnorm_statistics_untouched(tmp_path):
         "epochs=2",
         "on_nonfinite=skip",
         "progress=false",
+        "plot=false",
         "resume=never",
         "log_every=1",
     ]

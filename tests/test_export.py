@@ -64,6 +64,7 @@ def tied(tmp_path_factory) -> Path:
                 "checkpoint_epochs=false",
                 "output_dir=run",
                 "progress=false",
+                "plot=false",
                 "resume=never",
             ]
         )

@@ -188,6 +188,7 @@ def two_process_run(project, tmp_path_factory) -> tuple[Path, subprocess.Complet
             "log_with=tensorboard",
             "profile_steps=[1, 3]",
             "progress=true",
+            "plot=true",
             *COMMON,
         ),
         nproc=2,
@@ -225,7 +226,7 @@ def test_trackers_profiler_plot_and_quiet_progress(two_process_run):
 
 
 def test_plot_command(reference, capsys):
-    (reference / "curves.png").unlink(missing_ok=True)
+    assert not (reference / "curves.png").exists()  # plot=false (helpers.seed_project_args): not drawn
     assert main(["plot", str(reference)]) == 0
     assert capsys.readouterr().out.strip() == str(reference / "curves.png")
     png = (reference / "curves.png").read_bytes()
@@ -563,6 +564,7 @@ def test_transformers_model_trains_on_one_and_two_ranks(tmp_path):
         "epochs=2",
         "log_every=2",
         "progress=false",
+        "plot=false",
         "resume=never",
     ]
     launched = start_cli([*args, f"output_dir={tmp_path / 'two'}", "batch_size=4"], nproc=2)

@@ -84,6 +84,7 @@ def _args(project: Path, out: Path, *extra: str) -> list[str]:
         "lr=0.2",
         "epochs=2",
         "progress=false",
+        "plot=false",
         "resume=never",
         "log_every=1",
         f"output_dir={out}",

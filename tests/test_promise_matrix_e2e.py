@@ -212,6 +212,7 @@ class Setup:
             f"seed={self.seed}",
             f"output_dir={output_dir}",
             "progress=false",
+            "plot=false",
             "log_every=1",
             "checkpoint_every=1",
             *resume,

@@ -143,6 +143,7 @@ def _args(project: Path, out: Path, sampler: str, *extra: str, **data_args) -> l
         f"data_args={{{data}}}",
         f"output_dir={out}",
         "progress=false",
+        "plot=false",
         "resume=auto",
         *extra,
     ]

@@ -98,7 +98,7 @@ PROJECT = textwrap.dedent('''
 # Lines per shard: rank r of 2 reads shards r, r+2, r+4 (54 and 38 samples); of 3, shards r and r+3 (34, 26, 32).
 TRAIN_SHARDS, VAL_SHARDS = (20, 12, 16, 14, 18, 12), (5, 3, 4, 6, 2, 3)
 TRAIN, VAL = sum(TRAIN_SHARDS), sum(VAL_SHARDS)
-COMMON = ("epochs=2", "seed=3", "log_every=1", "lr=0.1", "batch_size=4", "progress=false")
+COMMON = ("epochs=2", "seed=3", "log_every=1", "lr=0.1", "batch_size=4", "progress=false", "plot=false")
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,7 @@ def _args(project: Path, out: Path, *extra: str) -> list[str]:
         f"data_args={{folder: {project}}}",
         f"output_dir={out}",
         "progress=false",
+        "plot=false",
         "resume=never",
         *extra,
     ]

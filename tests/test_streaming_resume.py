@@ -166,6 +166,7 @@ def _args(project: Path, out: Path, source: str, nproc: int, num_workers: int, *
         f"data_args={{folder: {project}{data_args}}}",
         f"output_dir={out}",
         "progress=false",
+        "plot=false",
         "resume=auto",
         f"batch_size={8 // nproc}",
         f"num_workers={num_workers}",

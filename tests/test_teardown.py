@@ -41,6 +41,7 @@ def test_a_failed_in_process_run_leaves_no_handler_lock_thread_or_open_file(tmp_
             f"data={tmp_path / 'nan.py'}:get_dataset",
             "batch_size=8",
             "progress=false",
+            "plot=false",
             f"output_dir={tmp_path / 'run'}",
             "hang_timeout_s=60",
             "async_checkpoint=true",

@@ -161,6 +161,7 @@ def test_tokens_per_second_leave_out_the_padding_of_a_padded_batch(tmp_path):
             "log_every=8",
             f"output_dir={tmp_path / 'out'}",
             "progress=false",
+            "plot=false",
         ]
     )
     (record,) = [r for r in read_metrics(tmp_path / "out") if "lr" in r]

@@ -22,7 +22,7 @@ REFUSED = {
     "overfit_batches": "it changes which samples make up the training set",
 }
 # Said on a change but not worth a line each: they only steer this invocation.
-QUIET = {"resume", "progress", "output_dir"}
+QUIET = {"resume", "progress", "plot", "output_dir"}
 
 
 def check_changes(saved: dict, cfg: Config, checkpoint: str) -> list[str]:
