@@ -115,6 +115,15 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))  # stable
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The seed the sampled real-process matrices were drawn by (tests/helpers.py), at the end of every run, -q too:
+    a failure in one replays with the same seed."""
+    from helpers import FULL_MATRIX, MATRIX_SEED
+
+    drawn = "every case (DIST_TRAIN_FULL_MATRIX=1)" if FULL_MATRIX else "a sample; DIST_TRAIN_FULL_MATRIX=1 runs every case"
+    terminalreporter.write_line(f"sampled matrices: DIST_TRAIN_MATRIX_SEED={MATRIX_SEED}, {drawn}")
+
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, tmp_path_factory, monkeypatch):
     """Each test runs in its own tmp dir, with env vars, sys.path, the user modules it imported and

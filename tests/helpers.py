@@ -4,18 +4,63 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_LAUNCH_CONFIG = REPO / "launch_configs" / "cpu.yaml"
 FSDP_CPU_LAUNCH_CONFIG = REPO / "launch_configs" / "fsdp_cpu.yaml"
+
+# A real-process case costs seconds to tens of seconds, so where a matrix of them would be long the suite runs a
+# sample, drawn by DIST_TRAIN_MATRIX_SEED (the seed tests/test_promise_matrix_e2e.py draws its setups by), named in
+# each skip reason and at the end of the run (conftest.py); DIST_TRAIN_FULL_MATRIX=1 runs every case.
+MATRIX_SEED = int(os.environ.get("DIST_TRAIN_MATRIX_SEED", "20250101"))
+FULL_MATRIX = os.environ.get("DIST_TRAIN_FULL_MATRIX") == "1"
+
+
+def sample_cases(name: str, cases: list, k: int = 1) -> list:
+    """k of `cases`, drawn by the seed and the matrix's `name`; all of them with DIST_TRAIN_FULL_MATRIX=1."""
+    return list(cases) if FULL_MATRIX else random.Random(f"{MATRIX_SEED}/{name}").sample(list(cases), k)
+
+
+def sampled_params(cases: list, sampled: list, unpack: bool = False) -> list:
+    """`cases` as pytest params (each a tuple of arguments with `unpack`); those not in `sampled` are skipped, the
+    reason naming the seed and the sample."""
+    skip = pytest.mark.skip(
+        reason=f"not in the sample of DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} ({sampled}); DIST_TRAIN_FULL_MATRIX=1 runs every case"
+    )
+    return [pytest.param(*(case if unpack else (case,)), marks=() if case in sampled else skip) for case in cases]
+
+
+class Background:
+    """fn(*args) in a daemon thread (one that never holds up the end of the session); result() waits for it and
+    returns its value or raises its exception, as the test's own code would have."""
+
+    def __init__(self, fn, *args):
+        self._value, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn, *args):
+        try:
+            self._value = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 (handed to the test that asks)
+            self._error = exc
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def cli_command(args: list[str], nproc: int = 1, subcommand: str = "train", launch_config: Path | None = None) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import random
 import resource
 import shutil
 import subprocess
@@ -33,6 +32,8 @@ from helpers import (
     read_metrics,
     run_cli,
     run_clis,
+    sample_cases,
+    sampled_params,
     seed_project_args,
     train_in_process,
     val_records,
@@ -54,28 +55,11 @@ KILL_AT_FORWARD = {1: 21, 2: 14}  # rank 0's 21st / 14th training forward: insid
 
 # Three real-process matrices here are sampled, each case being a few real runs: the SIGKILL-resume test on 1 or 2
 # processes, the resume on another world size (2 -> 1 or 1 -> 2), and the asynchronous write killed before its
-# files, its manifest or its rename (the synchronous save's kill always runs). DIST_TRAIN_MATRIX_SEED (the seed
-# tests/test_promise_matrix_e2e.py draws by) picks one case of each, printed; the others are skipped, saying so.
-# DIST_TRAIN_FULL_MATRIX=1 runs every case:
+# files, its manifest or its rename (the synchronous save's kill always runs). DIST_TRAIN_MATRIX_SEED picks one case
+# of each (helpers.sample_cases); DIST_TRAIN_FULL_MATRIX=1 runs every case:
 #     DIST_TRAIN_FULL_MATRIX=1 python -m pytest tests/test_checkpoint.py
-MATRIX_SEED = int(os.environ.get("DIST_TRAIN_MATRIX_SEED", "20250101"))
-FULL_MATRIX = os.environ.get("DIST_TRAIN_FULL_MATRIX") == "1"
-
-
-def _sample(name: str, cases: list) -> list:
-    """One of `cases`, drawn by the seed (all of them with DIST_TRAIN_FULL_MATRIX=1)."""
-    return list(cases) if FULL_MATRIX else random.Random(f"{MATRIX_SEED}/{name}").sample(list(cases), 1)
-
-
-def _sampled_params(cases: list, sampled: list) -> list:
-    skip = pytest.mark.skip(
-        reason=f"not in the sample of DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} ({sampled}); DIST_TRAIN_FULL_MATRIX=1 runs every case"
-    )
-    return [pytest.param(case, marks=() if case in sampled else skip) for case in cases]
-
-
 SIGKILL_SIZES = [1, 2]
-SIGKILL_SAMPLED = _sample("checkpoint_sigkill", SIGKILL_SIZES)
+SIGKILL_SAMPLED = sample_cases("checkpoint_sigkill", SIGKILL_SIZES)
 
 
 @pytest.fixture(scope="module")
@@ -85,17 +69,6 @@ def project(tmp_path_factory) -> Path:
     return write_seed_project(
         tmp_path_factory.mktemp("ckpt_seed"), num_train=128, num_val=40, ids=True, files={"model.py": ids_model(dropout=0.25)}
     )
-
-
-@pytest.fixture(scope="module")
-def _announce_samples(request):
-    """The seed and the cases it picked, printed even without -s: another seed samples other cases."""
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print(
-            f"\ncheckpoint: DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} samples SIGKILL on {SIGKILL_SAMPLED} process(es), the resize(s) "
-            f"{RESIZES_SAMPLED}, the asynchronous kill(s) {ASYNC_KILL_SAMPLED}; DIST_TRAIN_FULL_MATRIX=1 runs every case"
-        )
 
 
 def _args(project: Path, out: Path, *extra: str) -> list[str]:
@@ -110,7 +83,7 @@ def _refused(args: list[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(project, tmp_path_factory, _announce_samples) -> dict[int, Path]:
+def reference(project, tmp_path_factory) -> dict[int, Path]:
     """Uninterrupted runs that the interrupted ones must reproduce bit for bit: on 1 process (every test here that
     needs one), and on 2 when the SIGKILL sample has 2 processes."""
     runs = {nproc: tmp_path_factory.mktemp(f"reference{nproc}") / "run" for nproc in sorted({1, *SIGKILL_SAMPLED})}
@@ -118,7 +91,7 @@ def reference(project, tmp_path_factory, _announce_samples) -> dict[int, Path]:
     return runs
 
 
-@pytest.mark.parametrize("nproc", _sampled_params(SIGKILL_SIZES, SIGKILL_SAMPLED))
+@pytest.mark.parametrize("nproc", sampled_params(SIGKILL_SIZES, SIGKILL_SAMPLED))
 def test_sigkill_then_resume_is_bitwise_identical(project, reference, tmp_path, nproc):
     """A sampled matrix (see SIGKILL_SAMPLED): `DIST_TRAIN_FULL_MATRIX=1 python -m pytest tests/test_checkpoint.py -k sigkill`
     runs 1 and 2 processes."""
@@ -149,12 +122,12 @@ def _epoch_ids(first: dict, second: dict, first_epoch_rest: int, world_sizes: tu
 
 
 RESIZES = [(2, 1), (1, 2)]
-RESIZES_SAMPLED = _sample("checkpoint_resize", RESIZES)
+RESIZES_SAMPLED = sample_cases("checkpoint_resize", RESIZES)
 RESIZE_COMMON = ("epochs=2", "batch_size=8", "checkpoint_every=1")
 
 
 @pytest.fixture(scope="module")
-def resized(project, tmp_path_factory, _announce_samples) -> dict[tuple[int, int], dict]:
+def resized(project, tmp_path_factory) -> dict[tuple[int, int], dict]:
     """The sampled resizes at once: stopped after 3 steps on one world size, then finished on the other."""
     cases = {sizes: {"root": tmp_path_factory.mktemp(f"resized{sizes[0]}to{sizes[1]}")} for sizes in RESIZES_SAMPLED}
     for case in cases.values():
@@ -186,7 +159,7 @@ def resized(project, tmp_path_factory, _announce_samples) -> dict[tuple[int, int
     return cases
 
 
-@pytest.mark.parametrize("sizes", _sampled_params(RESIZES, RESIZES_SAMPLED))
+@pytest.mark.parametrize("sizes", sampled_params(RESIZES, RESIZES_SAMPLED))
 def test_resume_on_another_world_size_sees_each_sample_once_per_epoch(resized, sizes):
     """Stopped mid-epoch on one world size, finished on the other: the rest of the epoch is exactly what was left.
     A sampled matrix (see RESIZES_SAMPLED): `DIST_TRAIN_FULL_MATRIX=1 python -m pytest tests/test_checkpoint.py -k
@@ -203,7 +176,7 @@ def test_resume_on_another_world_size_sees_each_sample_once_per_epoch(resized, s
 
 
 KILL_PHASES = ["sync", "files", "manifest", "rename"]  # a synchronous save; an asynchronous write before each part
-ASYNC_KILL_SAMPLED = _sample("checkpoint_async_kill", KILL_PHASES[1:])
+ASYNC_KILL_SAMPLED = sample_cases("checkpoint_async_kill", KILL_PHASES[1:])
 
 
 def _kill_during_save(project: Path, root: Path, phase: str) -> dict:
@@ -234,7 +207,7 @@ def _kill_during_save(project: Path, root: Path, phase: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def killed_in_save(project, tmp_path_factory, _announce_samples):
+def killed_in_save(project, tmp_path_factory):
     """The synchronous and the sampled asynchronous kill-and-resume runs at once (one thread each); a test gets its
     own's result or failure."""
     phases = ["sync", *ASYNC_KILL_SAMPLED]
@@ -255,7 +228,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint(killed_in_save, referenc
     assert not seen["tmp_left"]  # cleaned up by the next save
 
 
-@pytest.mark.parametrize("phase", _sampled_params(KILL_PHASES[1:], ASYNC_KILL_SAMPLED))
+@pytest.mark.parametrize("phase", sampled_params(KILL_PHASES[1:], ASYNC_KILL_SAMPLED))
 def test_kill_during_an_asynchronous_write_keeps_the_previous_checkpoint(killed_in_save, reference, phase):
     """async_checkpoint: training goes on while step 12 is written; SIGKILL before its files, its manifest or
     its rename: resume takes step 9, and the final weights are those of the uninterrupted synchronous run. A sampled

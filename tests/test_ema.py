@@ -5,8 +5,6 @@ under FSDP2 (sharded, resumed bitwise after a SIGKILL, resharded) is tested in t
 from __future__ import annotations
 
 import json
-import os
-import random
 import textwrap
 from pathlib import Path
 
@@ -23,6 +21,8 @@ from helpers import (
     ids_model,
     run_cli,
     run_clis,
+    sample_cases,
+    sampled_params,
     seed_project_args,
     train_in_process,
     val_records,
@@ -105,28 +105,14 @@ def test_ema_settings_are_checked(tmp_path):
 EXACT = ("epochs=2", "batch_size=8", "grad_accum_steps=2", "checkpoint_every=3", "seed=5", *EMA)
 KILL_AT_FORWARD = {1: 21, 2: 14}  # rank 0's 21st / 14th training forward: inside step 11 / 7; last save 9 / 6
 
-# The kill-and-resume cases are three real runs each (~15 s and ~35 s of CPU); the suite runs one, drawn by
-# DIST_TRAIN_MATRIX_SEED (the seed tests/test_promise_matrix_e2e.py draws by); the other is skipped, saying so.
-# DIST_TRAIN_FULL_MATRIX=1 runs both.
-MATRIX_SEED = int(os.environ.get("DIST_TRAIN_MATRIX_SEED", "20250101"))
-FULL_MATRIX = os.environ.get("DIST_TRAIN_FULL_MATRIX") == "1"
+# The kill-and-resume cases are three real runs each (~15 s and ~35 s of CPU): the suite runs one, drawn by
+# DIST_TRAIN_MATRIX_SEED (helpers.sample_cases); DIST_TRAIN_FULL_MATRIX=1 runs both.
 KILL_CASES = [(1, "async_checkpoint=false"), (2, "async_checkpoint=true")]
-SAMPLED = KILL_CASES if FULL_MATRIX else random.Random(f"{MATRIX_SEED}/ema_sigkill").sample(KILL_CASES, 1)
-_SKIP = pytest.mark.skip(
-    reason=f"not in the sample of DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} ({SAMPLED}); DIST_TRAIN_FULL_MATRIX=1 runs every case"
-)
+SAMPLED = sample_cases("ema_sigkill", KILL_CASES)
 
 
-@pytest.fixture(scope="module")
-def _announce_sample(request):
-    """The seed and the case it picked, printed even without -s: another seed samples the other case."""
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print(f"\nema: DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} samples the SIGKILL case(s) {SAMPLED}; DIST_TRAIN_FULL_MATRIX=1 runs both")
-
-
-@pytest.mark.parametrize("nproc, saving", [pytest.param(*case, marks=() if case in SAMPLED else _SKIP) for case in KILL_CASES])
-def test_sigkill_then_resume_with_ema_is_bitwise_identical(_announce_sample, tmp_path, nproc, saving):
+@pytest.mark.parametrize("nproc, saving", sampled_params(KILL_CASES, SAMPLED, unpack=True))
+def test_sigkill_then_resume_with_ema_is_bitwise_identical(tmp_path, nproc, saving):
     """1 rank saving in line, 2 ranks in the background (the snapshot holds the EMA too). A sampled matrix (see
     SAMPLED): DIST_TRAIN_MATRIX_SEED=N may pick the other case; `DIST_TRAIN_FULL_MATRIX=1 python -m pytest
     tests/test_ema.py -k sigkill` runs both."""

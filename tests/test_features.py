@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import subprocess
 from pathlib import Path
 
@@ -34,6 +33,8 @@ from helpers import (
     load_weights,
     read_metrics,
     run_cli,
+    sample_cases,
+    sampled_params,
     seed_project_args,
     start_cli,
     train_in_process,
@@ -455,30 +456,13 @@ def test_fp16_overflow_skips_are_logged_on_gpu(project, tmp_path):
 
 
 # Each compiled run costs ~20 s of CPU with an empty Inductor cache: the suite runs 1 or 2 ranks, drawn by
-# DIST_TRAIN_MATRIX_SEED (the seed tests/test_promise_matrix_e2e.py draws by), printed; the other is skipped, saying so.
-# DIST_TRAIN_FULL_MATRIX=1 runs both.
-MATRIX_SEED = int(os.environ.get("DIST_TRAIN_MATRIX_SEED", "20250101"))
-FULL_MATRIX = os.environ.get("DIST_TRAIN_FULL_MATRIX") == "1"
+# DIST_TRAIN_MATRIX_SEED (helpers.sample_cases); DIST_TRAIN_FULL_MATRIX=1 runs both.
 COMPILE_NPROC = [1, 2]
-COMPILE_SAMPLED = COMPILE_NPROC if FULL_MATRIX else random.Random(f"{MATRIX_SEED}/features_compile").sample(COMPILE_NPROC, 1)
-_SKIP = pytest.mark.skip(
-    reason=f"not in the sample of DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} (compile on {COMPILE_SAMPLED} rank(s)); "
-    "DIST_TRAIN_FULL_MATRIX=1 runs every case"
-)
+COMPILE_SAMPLED = sample_cases("features_compile", COMPILE_NPROC)
 
 
-@pytest.fixture(scope="module")
-def _announce_sample(request):
-    """The seed and the case it picked, printed even without -s: another seed samples the other case."""
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print(
-            f"\nfeatures: DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} samples compile on {COMPILE_SAMPLED} rank(s); DIST_TRAIN_FULL_MATRIX=1 runs both"
-        )
-
-
-@pytest.mark.parametrize("nproc", [pytest.param(n, marks=() if n in COMPILE_SAMPLED else _SKIP) for n in COMPILE_NPROC])
-def test_compile_matches_eager(_announce_sample, project, reference, tmp_path, nproc):
+@pytest.mark.parametrize("nproc", sampled_params(COMPILE_NPROC, COMPILE_SAMPLED))
+def test_compile_matches_eager(project, reference, tmp_path, nproc):
     """compile: true through Accelerate's dynamo settings equals the eager reference run, on 1 and 2 ranks.
 
     Inductor on CPU builds C++ kernels with the system compiler: measured ~17 s for one process and

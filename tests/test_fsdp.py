@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -53,6 +52,8 @@ from helpers import (
     read_ids,
     run_cli,
     run_clis,
+    sample_cases,
+    sampled_params,
     seed_project_args,
     val_records,
     write_seed_project,
@@ -124,12 +125,10 @@ FEATURE_MODEL = {"tied": True, "oom_above": [8, 8], "rng_scale": True}
 BATCHNORM_MODEL = {"batchnorm": True, "rng_scale": True}
 
 # Resumes on another world size: 2 -> 3 ranks in every run (it is also the 3-rank run of the sharded-path and
-# validation tests); of 2 -> 1 and 1 -> 2 (a launch each) the suite runs one, drawn by DIST_TRAIN_MATRIX_SEED (the seed
-# tests/test_promise_matrix_e2e.py draws by), printed; the other is skipped, saying so. DIST_TRAIN_FULL_MATRIX=1 runs both.
-MATRIX_SEED = int(os.environ.get("DIST_TRAIN_MATRIX_SEED", "20250101"))
-FULL_MATRIX = os.environ.get("DIST_TRAIN_FULL_MATRIX") == "1"
+# validation tests); of 2 -> 1 and 1 -> 2 (a launch each) the suite runs one, drawn by DIST_TRAIN_MATRIX_SEED
+# (helpers.sample_cases). DIST_TRAIN_FULL_MATRIX=1 runs both.
 RESIZES = ["two_to_one", "one_to_two"]
-RESIZES_SAMPLED = RESIZES if FULL_MATRIX else random.Random(f"{MATRIX_SEED}/fsdp_resize").sample(RESIZES, 1)
+RESIZES_SAMPLED = sample_cases("fsdp_resize", RESIZES)
 
 
 @pytest.fixture(scope="module")
@@ -203,10 +202,7 @@ def _killed_in_background_write(project: Path, root: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(project, tmp_path_factory, request) -> dict:
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():  # printed even without -s: another seed samples the other resize
-        print(f"\nfsdp: DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} samples the resize {RESIZES_SAMPLED}; DIST_TRAIN_FULL_MATRIX=1 runs both")
+def runs(project, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("fsdp")
     pool = ThreadPoolExecutor(1)  # async_killed beside the first wave
     killed_in_write = pool.submit(_killed_in_background_write, project, root)
@@ -357,15 +353,7 @@ def test_resumed_mid_epoch_is_bitwise_the_uninterrupted_run(runs, pair):
         assert not torch.equal(weights["norm.running_var"], torch.ones(32))
 
 
-_SKIP_RESIZE = pytest.mark.skip(
-    reason=f"not in the sample of DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} ({RESIZES_SAMPLED}); DIST_TRAIN_FULL_MATRIX=1 runs every case"
-)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(name, marks=() if name in [*RESIZES_SAMPLED, "two_to_three"] else _SKIP_RESIZE) for name in [*RESIZES, "two_to_three"]],
-)
+@pytest.mark.parametrize("name", sampled_params([*RESIZES, "two_to_three"], [*RESIZES_SAMPLED, "two_to_three"]))
 def test_resume_on_another_world_size_sees_each_sample_once_per_epoch(runs, name):
     """A sampled matrix (see RESIZES_SAMPLED): `DIST_TRAIN_FULL_MATRIX=1 python -m pytest tests/test_fsdp.py` runs
     2 -> 1 and 1 -> 2 as well as 2 -> 3."""

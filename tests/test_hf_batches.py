@@ -5,14 +5,12 @@ with the validation loss the exact per-sample mean."""
 from __future__ import annotations
 
 import json
-import os
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import assert_weights_equal, import_file, load_weights, run_clis, val_records
+from helpers import assert_weights_equal, import_file, load_weights, run_clis, sample_cases, sampled_params, val_records
 
 pytest.importorskip("transformers")
 pytest.importorskip("datasets")
@@ -108,27 +106,13 @@ def _reference_val_loss(project: Path, out: Path) -> float:
 
 
 # Each loss is a 1-process and a 2-process run (~22 s of CPU): the suite runs one, drawn by DIST_TRAIN_MATRIX_SEED
-# (the seed tests/test_promise_matrix_e2e.py draws by), printed; the other is skipped, saying so.
-# DIST_TRAIN_FULL_MATRIX=1 runs both.
-MATRIX_SEED = int(os.environ.get("DIST_TRAIN_MATRIX_SEED", "20250101"))
-FULL_MATRIX = os.environ.get("DIST_TRAIN_FULL_MATRIX") == "1"
+# (helpers.sample_cases); DIST_TRAIN_FULL_MATRIX=1 runs both.
 LOSSES = ["model", "cross_entropy"]
-LOSSES_SAMPLED = LOSSES if FULL_MATRIX else random.Random(f"{MATRIX_SEED}/hf_loss").sample(LOSSES, 1)
-_SKIP = pytest.mark.skip(
-    reason=f"not in the sample of DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} ({LOSSES_SAMPLED}); DIST_TRAIN_FULL_MATRIX=1 runs every case"
-)
+LOSSES_SAMPLED = sample_cases("hf_loss", LOSSES)
 
 
-@pytest.fixture(scope="module")
-def _announce_sample(request):
-    """The seed and the loss it picked, printed even without -s: another seed samples the other loss."""
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print(f"\nhf batches: DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} samples loss {LOSSES_SAMPLED}; DIST_TRAIN_FULL_MATRIX=1 runs both")
-
-
-@pytest.mark.parametrize("loss", [pytest.param(loss, marks=() if loss in LOSSES_SAMPLED else _SKIP) for loss in LOSSES])
-def test_dict_batches_train_with_the_models_loss_or_a_builtin_one_and_two_ranks_match_one(_announce_sample, project, tmp_path, loss):
+@pytest.mark.parametrize("loss", sampled_params(LOSSES, LOSSES_SAMPLED))
+def test_dict_batches_train_with_the_models_loss_or_a_builtin_one_and_two_ranks_match_one(project, tmp_path, loss):
     """A sampled matrix (see LOSSES_SAMPLED): `DIST_TRAIN_FULL_MATRIX=1 python -m pytest tests/test_hf_batches.py -k
     dict_batches_train` runs both losses."""
     run_clis(

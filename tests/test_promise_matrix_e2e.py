@@ -53,9 +53,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from helpers import assert_weights_equal, import_file, load_weights, read_ids, read_metrics, run_clis, val_records
+from helpers import MATRIX_SEED, assert_weights_equal, import_file, load_weights, read_ids, read_metrics, run_clis, val_records
 
-MATRIX_SEED = int(os.environ.get("DIST_TRAIN_MATRIX_SEED", "20250101"))
 MATRIX_SIZE = max(1, int(os.environ.get("DIST_TRAIN_MATRIX_SIZE", "2")))
 
 TRAIN_SIZES = (37, 48, 50, 64)

@@ -18,14 +18,23 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import CPU_LAUNCH_CONFIG, REPO, SLOW_MODEL, _free_port, load_weights, read_metrics, seed_project_args, write_seed_project
+from helpers import (
+    CPU_LAUNCH_CONFIG,
+    REPO,
+    SLOW_MODEL,
+    Background,
+    _free_port,
+    load_weights,
+    read_metrics,
+    seed_project_args,
+    write_seed_project,
+)
 
 # A model whose forward raises on one rank at its N-th call since the process started: without a
 # checkpoint before that step every attempt starts from step 0 and fails at the same optimizer step.
@@ -141,28 +150,6 @@ def _finish(launcher: subprocess.Popen, timeout_s: float = 300) -> str:
         raise AssertionError(f"the launcher hung for {timeout_s} s:\n{output[-6000:]}") from None
 
 
-class _Background:
-    """fn(*args) in a daemon thread; result() waits for it and returns its value or raises its exception, as the
-    test's own code would have."""
-
-    def __init__(self, fn, *args):
-        self._value, self._error = None, None
-        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn, *args):
-        try:
-            self._value = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 (handed to the test that asks)
-            self._error = exc
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 @pytest.fixture(scope="module")
 def launched(project, tmp_path_factory) -> dict:
     """The module's three launched jobs (a rank killed and restarted, a rank failing every attempt, a restarted group
@@ -171,9 +158,9 @@ def launched(project, tmp_path_factory) -> dict:
     what its own job did. (Every job is started, its environment read, before that test ends: no later test's
     monkeypatched variables reach it.)"""
     return {
-        "killed": _Background(_kill_a_rank_and_let_the_agent_restart_it, project, tmp_path_factory.mktemp("killed")),
-        "same_step": _Background(_fail_at_the_same_step_every_time, project, tmp_path_factory.mktemp("same_step")),
-        "no_group": _Background(_restart_a_group_that_cannot_form, tmp_path_factory.mktemp("no_group")),
+        "killed": Background(_kill_a_rank_and_let_the_agent_restart_it, project, tmp_path_factory.mktemp("killed")),
+        "same_step": Background(_fail_at_the_same_step_every_time, project, tmp_path_factory.mktemp("same_step")),
+        "no_group": Background(_restart_a_group_that_cannot_form, tmp_path_factory.mktemp("no_group")),
     }
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, SLOW_MODEL, load_weights, read_metrics, write_seed_project
+from helpers import REPO, SLOW_MODEL, Background, load_weights, read_metrics, write_seed_project
 
 MODE = os.environ.get("DIST_TRAIN_SLURM", "sandbox")
 SANDBOX_SCRIPTS = REPO / "tests" / "slurm_sandbox"
@@ -268,28 +268,6 @@ def jobs(slurm, project):
         slurm.run("scancel", submitted[name].id, check=False)  # still running if its kill did not happen
 
 
-class _Background:
-    """fn(*args) in a daemon thread (one that never holds up the end of the session); result() waits for it and
-    returns its value or raises its exception, as the test's own code would have."""
-
-    def __init__(self, fn, *args):
-        self._value, self._error = None, None
-        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn, *args):
-        try:
-            self._value = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 (handed to the test that asks)
-            self._error = exc
-
-    def result(self):
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 @pytest.fixture(scope="module", autouse=True)
 def kills(jobs, slurm):
     """The kills, each in its own thread started with the jobs (autouse: before the module's first test, not when the
@@ -298,9 +276,9 @@ def kills(jobs, slurm):
     if not slurm.sandbox:
         return {}
     return {
-        "multikill": _Background(_kill_a_rank, jobs["multikill"], slurm),
-        "mrestart": _Background(_kill_a_rank_to_be_restarted, jobs["mrestart"], slurm),
-        "mlauncher": _Background(_kill_a_launcher_then_resubmit, jobs["mlauncher"], slurm),
+        "multikill": Background(_kill_a_rank, jobs["multikill"], slurm),
+        "mrestart": Background(_kill_a_rank_to_be_restarted, jobs["mrestart"], slurm),
+        "mlauncher": Background(_kill_a_launcher_then_resubmit, jobs["mlauncher"], slurm),
     }
 
 

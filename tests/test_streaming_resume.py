@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import random
 import textwrap
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 import torch
 
 from dist_train.checkpoint.manifest import read_manifest
-from helpers import load_weights, run_cli, run_clis, seed_project_args, write_seed_project
+from helpers import FULL_MATRIX, MATRIX_SEED, load_weights, run_cli, run_clis, sampled_params, seed_project_args, write_seed_project
 
 pytest.importorskip("torchdata.stateful_dataloader")
 
@@ -197,46 +196,21 @@ CASES = [  # (source, processes, num_workers, extra): every source on 2 processe
     ("stateful", 2, 2, ()),
 ]
 
+
 # Each case is three real runs (~20 s on 2 cores), so the suite runs a sample of them: one 1-process case and two
-# 2-process ones, drawn by DIST_TRAIN_MATRIX_SEED (the seed tests/test_promise_matrix_e2e.py draws by; printed with
-# the cases it picked). The others are skipped, saying so; DIST_TRAIN_FULL_MATRIX=1 runs all 7.
-MATRIX_SEED = int(os.environ.get("DIST_TRAIN_MATRIX_SEED", "20250101"))
-FULL_MATRIX = os.environ.get("DIST_TRAIN_FULL_MATRIX") == "1"
-
-
-def _case_id(case: tuple) -> str:
-    return "-".join(map(str, case))
-
-
+# 2-process ones, drawn by DIST_TRAIN_MATRIX_SEED (see helpers.sample_cases); DIST_TRAIN_FULL_MATRIX=1 runs all 7.
 def _sample(cases: list[tuple]) -> list[tuple]:
+    if FULL_MATRIX:
+        return cases
     rng = random.Random(f"{MATRIX_SEED}/sigkill")
     return rng.sample([c for c in cases if c[1] == 1], 1) + rng.sample([c for c in cases if c[1] > 1], 2)
 
 
-SAMPLED = CASES if FULL_MATRIX else _sample(CASES)
-_SKIP = pytest.mark.skip(
-    reason=f"not in the sample of DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} ({', '.join(map(_case_id, SAMPLED))}); "
-    "DIST_TRAIN_FULL_MATRIX=1 runs every case"
-)
+SAMPLED = _sample(CASES)
 
 
-@pytest.fixture(scope="module")
-def _announce_sample(request):
-    """The seed and the cases it picked, printed even without -s: another seed samples other cases."""
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled():
-        print(
-            f"\nstreaming resume: DIST_TRAIN_MATRIX_SEED={MATRIX_SEED} samples the SIGKILL cases {[_case_id(c) for c in SAMPLED]}"
-            + (" (DIST_TRAIN_FULL_MATRIX=1: all)" if FULL_MATRIX else f" of {len(CASES)}; DIST_TRAIN_FULL_MATRIX=1 runs all")
-        )
-
-
-@pytest.mark.parametrize(
-    "source, nproc, num_workers, extra",
-    [pytest.param(*case, marks=() if case in SAMPLED else _SKIP) for case in CASES],
-    ids=lambda v: str(v),
-)
-def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(_announce_sample, project, tmp_path, source, nproc, num_workers, extra):
+@pytest.mark.parametrize("source, nproc, num_workers, extra", sampled_params(CASES, SAMPLED, unpack=True), ids=lambda v: str(v))
+def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(project, tmp_path, source, nproc, num_workers, extra):
     """A sampled matrix (see SAMPLED above): DIST_TRAIN_MATRIX_SEED=N picks other cases, and
     `DIST_TRAIN_FULL_MATRIX=1 python -m pytest tests/test_streaming_resume.py -k sigkill` runs all 7."""
     reference, out = tmp_path / "reference", tmp_path / "run"
