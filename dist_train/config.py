@@ -125,7 +125,9 @@ class Config:
     log_every: int = _opt(10, "Log training metrics every N optimizer steps.", minimum=1)
     log_with: list = _opt([], "Extra trackers besides metrics.jsonl: any of tensorboard, wandb, mlflow, trackio.")
     progress: bool = _opt(True, "Show a progress bar (main process, interactive terminals only).")
-    plot: bool = _opt(True, "Draw output_dir/curves.png (loss and learning rate) at the end of the run, when matplotlib is installed (~0.6 s).")
+    plot: bool = _opt(
+        True, "Draw output_dir/curves.png (loss and learning rate) at the end of the run, when matplotlib is installed (~0.6 s)."
+    )
     flops_per_sample: Optional[float] = _opt(
         None,
         "Training FLOPs (forward + backward) of one sample, for the logged TFLOP/s and MFU (null: counted on the first micro-batch with torch's FlopCounterMode; not under `compile`).",
