@@ -36,7 +36,18 @@ from dist_train.data.epoch import UserBatches
 from dist_train.data.loaders import _with_epoch_sampler, epoch_sampler
 from dist_train.data.user_order import UserOrder, epoch_seed
 from dist_train.errors import UserError
-from helpers import assert_weights_equal, ids_model, import_file, load_weights, read_ids, run_cli, run_clis, write_seed_project
+from helpers import (
+    assert_weights_equal,
+    ids_model,
+    import_file,
+    load_weights,
+    read_ids,
+    run_cli,
+    run_clis,
+    sample_cases,
+    sampled_params,
+    write_seed_project,
+)
 
 NUM_TRAIN = 200
 
@@ -378,7 +389,7 @@ def test_two_ranks_match_one_rank_with_a_weighted_sampler(weighted):
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", sampled_params([1, 2], sample_cases("weighted_sigkill", [1, 2])))  # one drawn by DIST_TRAIN_MATRIX_SEED
 def test_sigkill_then_resume_with_a_weighted_sampler_is_bitwise_identical(project, weighted, tmp_path, nproc):
     out, ids = tmp_path / "run", tmp_path / "ids"
     ids.mkdir()

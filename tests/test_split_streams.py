@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from dist_train.checkpoint.manifest import read_manifest
-from helpers import load_weights, read_metrics, run_cli, run_clis
+from helpers import load_weights, read_metrics, run_cli, run_clis, sample_cases, sampled_params
 
 pytest.importorskip("torchdata.stateful_dataloader")
 
@@ -196,7 +196,10 @@ def _val_loss(project: Path, weights: dict) -> float:
     return sum(losses) / len(losses)
 
 
-@pytest.mark.parametrize("source, num_workers", [("user", 2), ("hf", 0), ("stateless", 0)])
+KILL_CASES = [("user", 2), ("hf", 0), ("stateless", 0)]  # three real runs each (~20 s): one drawn by DIST_TRAIN_MATRIX_SEED
+
+
+@pytest.mark.parametrize("source, num_workers", sampled_params(KILL_CASES, sample_cases("split_sigkill", KILL_CASES), unpack=True))
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(project, tmp_path, source, num_workers):
     """2 ranks, 14 steps per epoch (parts of 54 and 38 at batch 4: rank 1 runs out after 10 and trains stand-ins):
     saves every 4; killed in step 14 of epoch 0, so the resume at step 12 finds rank 1's part spent: its stand-in

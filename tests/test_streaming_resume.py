@@ -21,7 +21,17 @@ import pytest
 import torch
 
 from dist_train.checkpoint.manifest import read_manifest
-from helpers import FULL_MATRIX, MATRIX_SEED, load_weights, run_cli, run_clis, sampled_params, seed_project_args, write_seed_project
+from helpers import (
+    FULL_MATRIX,
+    MATRIX_SEED,
+    load_weights,
+    run_cli,
+    run_clis,
+    sample_cases,
+    sampled_params,
+    seed_project_args,
+    write_seed_project,
+)
 
 pytest.importorskip("torchdata.stateful_dataloader")
 
@@ -197,13 +207,13 @@ CASES = [  # (source, processes, num_workers, extra): every source on 2 processe
 ]
 
 
-# Each case is three real runs (~20 s on 2 cores), so the suite runs a sample of them: one 1-process case and two
-# 2-process ones, drawn by DIST_TRAIN_MATRIX_SEED (see helpers.sample_cases); DIST_TRAIN_FULL_MATRIX=1 runs all 7.
+# Each case is three real runs (~20 s on 2 cores), so the suite runs a sample of them: one 1-process case and one
+# 2-process case, drawn by DIST_TRAIN_MATRIX_SEED (see helpers.sample_cases); DIST_TRAIN_FULL_MATRIX=1 runs all 7.
 def _sample(cases: list[tuple]) -> list[tuple]:
     if FULL_MATRIX:
         return cases
     rng = random.Random(f"{MATRIX_SEED}/sigkill")
-    return rng.sample([c for c in cases if c[1] == 1], 1) + rng.sample([c for c in cases if c[1] > 1], 2)
+    return rng.sample([c for c in cases if c[1] == 1], 1) + rng.sample([c for c in cases if c[1] > 1], 1)
 
 
 SAMPLED = _sample(CASES)
@@ -256,7 +266,12 @@ def test_sync_and_async_checkpoints_hold_the_same_files_and_resume_alike(project
     assert all(torch.equal(weights["false"][k], weights["true"][k]) for k in weights["false"])
 
 
-@pytest.mark.parametrize("source, num_workers", [("user", 2), ("hf_buffer", 0)])
+THREE_RANK_CASES = [("user", 2), ("hf_buffer", 0)]  # one drawn by DIST_TRAIN_MATRIX_SEED (~25 s each)
+
+
+@pytest.mark.parametrize(
+    "source, num_workers", sampled_params(THREE_RANK_CASES, sample_cases("three_ranks", THREE_RANK_CASES), unpack=True)
+)
 def test_three_ranks_train_each_id_once_per_epoch_across_a_kill(project, tmp_path, source, num_workers):
     """Global batch 6 does not divide the 64 samples: the last global batch, 4 samples, is split 2, 2 and a stand-in
     (weight 0) on rank 2; nothing is left out and nothing trained twice (filling the batch would)."""
