@@ -24,10 +24,8 @@ if [ "${1:-}" = "--fast" ]; then
   exec python -m pytest -m "not slow and not slurm and not gpu" "$@"
 fi
 # The whole suite: most tests run one single-threaded process at a time, so two pytest workers (a test
-# file each) use both cores; the `serial` tests (real timeouts and signals, SLURM) then run alone. The
-# workers' own torch is single-threaded too, like every process the tests start: the cores are taken.
+# file each) use both cores; the `serial` tests (real timeouts and signals, SLURM) then run alone.
 # Exit status 5 is "no test selected" (a -k that matches only one part).
-export OMP_NUM_THREADS=1
 status=0
 python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not serial" --durations=15 "$@" || status=$?
 [ "$status" = 0 ] || [ "$status" = 5 ] || exit "$status"
