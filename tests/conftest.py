@@ -21,9 +21,8 @@ SLOW_MODULES = {
     "test_fsdp",
 }
 # Run alone after the rest, which runs on two pytest workers (tests/run.sh): their checks race real clocks
-# (hang timeouts, a slow rank's step times, signals, SLURM's scheduler) that a test running beside them would slow.
-# (test_restart runs with the rest: its jobs mostly sleep, and its bounds are loose: 30 s for a 5 s startup timeout.)
-SERIAL_MODULES = {"test_slurm", "test_watchdog", "test_launch"}
+# (hang and startup timeouts, signals, SLURM's scheduler) that a test running beside them would slow.
+SERIAL_MODULES = {"test_slurm", "test_watchdog", "test_launch", "test_restart"}
 SLOW_FIXTURES = {"two_process_run", "overfit_runs", "reference@test_checkpoint", "runs@test_evaluation"}
 SLOW_TESTS = {
     # test_throughput: a 2-rank run; test_ema: kill and resume on 1 and 2 ranks
@@ -90,7 +89,6 @@ LONGEST_FILES_FIRST = [
     "test_features",
     "test_evaluation",
     "test_checkpoint",
-    "test_restart",
     "test_bench",
 ]
 
